@@ -1,0 +1,44 @@
+//! `weft`: the command line. `identity` generates a trust anchor and issuer; `demo` runs
+//! the whole mesh on this machine (pods as network namespaces).
+
+mod demo;
+mod identity;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "weft service mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a trust anchor and an issuer (trust-anchors.pem, issuer.pem, issuer-key.pem).
+    Identity(identity::IdentityArgs),
+    /// Run the control plane and meshed pods (network namespaces) on this machine. Needs root.
+    Demo(demo::DemoArgs),
+    /// The demo's tiny echo server (run inside a demo pod).
+    #[command(hide = true)]
+    DemoEcho {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Identity(args) => identity::run(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::DemoEcho { listen } => demo::app::echo_server(listen),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The outbound path: the app's redirected connection → its original destination →
+//! discovery → an endpoint → mTLS to a meshed endpoint's proxy (verifying the identity
+//! discovery expects) or plain TCP to an unmeshed one → bytes both ways.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
+use crate::discovery::{Discovery, Endpoint, Target};
+use crate::drain::Drain;
+use crate::forward::forward;
+use crate::metrics::{Direction, Metrics, TcpLabels, TlsState};
+use crate::original_dst::original_dst;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error("reading the original destination: {0}")]
+    OriginalDst(std::io::Error),
+    #[error("connection was not redirected (original destination is the proxy itself)")]
+    NotRedirected,
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
+    #[error("{0} has no endpoints")]
+    NoEndpoints(SocketAddr),
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("connecting to {0}: timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("mTLS to {addr} (expecting {identity}): {source}")]
+    Tls { addr: SocketAddr, identity: String, source: std::io::Error },
+}
+
+pub struct Outbound {
+    pub discovery: Arc<Discovery>,
+    pub mesh_tls: TlsConnector,
+    pub metrics: Arc<Metrics>,
+    pub connect_timeout: Duration,
+}
+
+/// Tries this many distinct endpoints before giving up on a connection.
+const CONNECT_ATTEMPTS: usize = 3;
+
+impl Outbound {
+    /// Accepts until the process exits: outbound stays up while a shutdown drains, so the
+    /// app can finish its work (its calls out are what let its own requests complete).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, client)) => {
+                    let guard = drain.track();
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this.handle(tcp).await {
+                            tracing::info!(%client, error = %e, "outbound connection failed");
+                        }
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, tcp: TcpStream) -> Result<(), OutboundError> {
+        let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().map_err(OutboundError::OriginalDst)?;
+        let dst = original_dst(&tcp, local).map_err(OutboundError::OriginalDst)?;
+        if dst == local {
+            return Err(OutboundError::NotRedirected);
+        }
+        let target = self.discovery.resolve(dst).await?;
+        if !target.known {
+            // Not in the mesh's view: pass through as the app asked (egress).
+            let server = self.connect_tcp(dst).await?;
+            let m = self.metrics.tcp_connection(TcpLabels {
+                direction: Direction::Outbound,
+                peer_identity: String::new(),
+                tls: TlsState::Plaintext,
+            });
+            let _ = forward(tcp, server, &m).await;
+            return Ok(());
+        }
+        self.connect_endpoint(tcp, dst, &target).await
+    }
+
+    async fn connect_endpoint(&self, tcp: TcpStream, dst: SocketAddr, target: &Target) -> Result<(), OutboundError> {
+        let n = target.endpoints.len();
+        if n == 0 {
+            return Err(OutboundError::NoEndpoints(dst));
+        }
+        let start = rand::rng().random_range(0..n);
+        let mut last_err = None;
+        for i in 0..n.min(CONNECT_ATTEMPTS) {
+            let ep = &target.endpoints[(start + i) % n];
+            match self.open(ep).await {
+                Ok(Opened::Mesh(tls, peer)) => {
+                    let m = self.metrics.tcp_connection(TcpLabels {
+                        direction: Direction::Outbound,
+                        peer_identity: peer,
+                        tls: TlsState::Mutual,
+                    });
+                    let _ = forward(tcp, tls, &m).await;
+                    return Ok(());
+                }
+                Ok(Opened::Plain(server)) => {
+                    let m = self.metrics.tcp_connection(TcpLabels {
+                        direction: Direction::Outbound,
+                        peer_identity: String::new(),
+                        tls: TlsState::Plaintext,
+                    });
+                    let _ = forward(tcp, server, &m).await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::debug!(endpoint = %ep.addr, error = %e, "endpoint failed; trying another");
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or(OutboundError::NoEndpoints(dst)))
+    }
+
+    async fn open(&self, ep: &Endpoint) -> Result<Opened, OutboundError> {
+        let tcp = self.connect_tcp(ep.addr).await?;
+        let Some(peer) = &ep.identity else {
+            return Ok(Opened::Plain(tcp));
+        };
+        let handshake = self.mesh_tls.connect(peer.server_name.clone(), tcp);
+        match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Ok(Ok(tls)) => Ok(Opened::Mesh(Box::new(tls), peer.id.to_string())),
+            Ok(Err(source)) => Err(OutboundError::Tls { addr: ep.addr, identity: peer.id.to_string(), source }),
+            Err(_) => Err(OutboundError::ConnectTimeout(ep.addr)),
+        }
+    }
+
+    async fn connect_tcp(&self, addr: SocketAddr) -> Result<TcpStream, OutboundError> {
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                Ok(tcp)
+            }
+            Ok(Err(source)) => Err(OutboundError::Connect { addr, source }),
+            Err(_) => Err(OutboundError::ConnectTimeout(addr)),
+        }
+    }
+}
+
+enum Opened {
+    Mesh(Box<tokio_rustls::client::TlsStream<TcpStream>>, String),
+    Plain(TcpStream),
+}

@@ -1,0 +1,136 @@
+//! Wires the proxy together: admin first (so `/ready` can say "not yet"), then the
+//! workload certificate, then the inbound and outbound listeners; SIGTERM drains.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpListener;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use weft_certs::{client_config, server_config, CertStore, ClientAuth, TrustAnchors};
+
+use crate::admin::Admin;
+use crate::config::Settings;
+use crate::discovery::Discovery;
+use crate::drain::Drain;
+use crate::identity::Identity;
+use crate::inbound::Inbound;
+use crate::metrics::Metrics;
+use crate::outbound::Outbound;
+use crate::{control, ALPN_OPAQUE};
+
+const ALPN_H2: &[u8] = b"h2";
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let anchors_pem = std::fs::read(&settings.trust_anchors)
+        .with_context(|| format!("reading trust anchors {}", settings.trust_anchors.display()))?;
+    let anchors = TrustAnchors::from_pem(&anchors_pem)
+        .with_context(|| format!("parsing trust anchors {}", settings.trust_anchors.display()))?;
+    let store = CertStore::new(settings.identity.clone());
+    let metrics = Metrics::new();
+    let drain = Drain::new();
+
+    let admin_listener = TcpListener::bind(settings.admin_addr)
+        .await
+        .with_context(|| format!("binding admin {}", settings.admin_addr))?;
+    let admin = Arc::new(Admin {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        drain: drain.clone(),
+        listening: AtomicBool::new(false),
+    });
+    tokio::spawn(admin.clone().serve(admin_listener));
+
+    let control_name = ServerName::try_from(settings.control_identity.tls_server_name())
+        .context("control-plane identity does not form a TLS server name")?;
+    // Certify runs before this proxy has a certificate, so its channel never offers one;
+    // discovery runs after, over mTLS, so the control plane knows who is asking.
+    let identity_channel = control::channel(
+        &settings.control_addr,
+        control_name.clone(),
+        client_config(&anchors, None, &[ALPN_H2])?,
+    )?;
+    let discovery_channel = control::channel(
+        &settings.control_addr,
+        control_name,
+        client_config(&anchors, Some(store.clone()), &[ALPN_H2])?,
+    )?;
+    tracing::info!(identity = %settings.identity, pod = %settings.pod_name, control = %settings.control_addr, "starting");
+    tokio::spawn(
+        Identity::new(identity_channel, store.clone(), settings.identity_token_file.clone(), metrics.clone()).run(),
+    );
+
+    // Listeners open only once a certificate is held: until then mesh traffic could not
+    // be served, and a refused connection is a clearer failure than a stalled one.
+    let mut ready = tokio::time::interval(std::time::Duration::from_millis(50));
+    let mut terminate = terminate_signal()?;
+    loop {
+        tokio::select! {
+            _ = ready.tick() => if store.is_ready() { break },
+            _ = terminate.recv() => {
+                tracing::info!("terminated before the first certificate arrived");
+                return Ok(());
+            }
+            _ = drain.signaled() => return Ok(()),
+        }
+    }
+
+    let discovery = Discovery::new(discovery_channel, &settings.identity, settings.discovery_timeout, metrics.clone());
+    let outbound = Arc::new(Outbound {
+        discovery,
+        mesh_tls: TlsConnector::from(client_config(&anchors, Some(store.clone()), &[ALPN_OPAQUE])?),
+        metrics: metrics.clone(),
+        connect_timeout: settings.connect_timeout,
+    });
+    let inbound = Arc::new(Inbound {
+        tls: TlsAcceptor::from(server_config(&anchors, store.clone(), ClientAuth::Required, &[ALPN_OPAQUE])?),
+        server_name: settings.identity.tls_server_name(),
+        metrics: metrics.clone(),
+        detect_timeout: settings.inbound_detect_timeout,
+        connect_timeout: settings.connect_timeout,
+    });
+    let outbound_listener = TcpListener::bind(settings.outbound_addr)
+        .await
+        .with_context(|| format!("binding outbound {}", settings.outbound_addr))?;
+    let inbound_listener = TcpListener::bind(settings.inbound_addr)
+        .await
+        .with_context(|| format!("binding inbound {}", settings.inbound_addr))?;
+    tokio::spawn(outbound.serve(outbound_listener, drain.clone()));
+    tokio::spawn(inbound.serve(inbound_listener, drain.clone()));
+    admin.listening.store(true, Ordering::Release);
+    tracing::info!(outbound = %settings.outbound_addr, inbound = %settings.inbound_addr, admin = %settings.admin_addr, "ready");
+
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+        _ = drain.signaled() => tracing::info!("shutdown requested: draining"),
+    }
+    drain.start();
+    let left = drain.wait_idle(settings.shutdown_grace).await;
+    if left > 0 {
+        tracing::warn!(open_connections = left, grace_secs = settings.shutdown_grace.as_secs(), "grace period over; closing connections");
+    } else {
+        tracing::info!("drained");
+    }
+    Ok(())
+}
+
+/// SIGTERM (what Kubernetes sends) and SIGINT (a terminal's Ctrl-C), as one stream.
+fn terminate_signal() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            if tx.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
