@@ -128,8 +128,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let destination = DestinationService { index, trust_domain: args.trust_domain.clone() };
     Server::builder()
-        .add_service(IdentityServer::new(identity))
-        .add_service(DestinationServer::new(destination))
+        // Requests are small (a CSR and a token; a target name): refuse big ones before decoding.
+        .add_service(IdentityServer::new(identity).max_decoding_message_size(64 * 1024))
+        .add_service(DestinationServer::new(destination).max_decoding_message_size(16 * 1024))
         .serve_with_incoming_shutdown(tls_server::incoming(listener, TlsAcceptor::from(tls)), shutdown_signal())
         .await
         .context("gRPC server")?;

@@ -244,7 +244,7 @@ impl ClusterState {
                 opaque = opaque
                     || is_default_opaque(target)
                     || annotation_lists_port(&pod.annotations, target);
-                endpoints.push(self.endpoint(pod, SocketAddr::new(ip, target), trust_domain));
+                endpoints.extend(self.endpoint(pod, SocketAddr::new(ip, target), trust_domain));
             }
         }
         endpoints.sort_by_key(|endpoint| endpoint.addr);
@@ -279,7 +279,7 @@ impl ClusterState {
             service: None,
             opaque: is_default_opaque(addr.port())
                 || annotation_lists_port(&pod.annotations, addr.port()),
-            endpoints: vec![self.endpoint(pod, addr, trust_domain)],
+            endpoints: self.endpoint(pod, addr, trust_domain).into_iter().collect(),
         })
     }
 
@@ -290,9 +290,11 @@ impl ClusterState {
             .map(|(_, pod)| pod)
     }
 
-    fn endpoint(&self, pod: &Pod, addr: SocketAddr, trust_domain: &str) -> EndpointInfo {
+    /// `None` for a meshed pod whose identity cannot be formed: sending it plaintext
+    /// would silently downgrade a connection the client expects to be mTLS.
+    fn endpoint(&self, pod: &Pod, addr: SocketAddr, trust_domain: &str) -> Option<EndpointInfo> {
         let identity = if self.is_meshed(pod) {
-            self.identity_of(pod, trust_domain)
+            Some(self.identity_of(pod, trust_domain)?)
         } else {
             None
         };
@@ -304,11 +306,11 @@ impl ClusterState {
                 pod.service_account.clone(),
             ),
         ]);
-        EndpointInfo {
+        Some(EndpointInfo {
             addr,
             identity,
             labels,
-        }
+        })
     }
 
     /// The identity proven by a standalone bootstrap token: the one of the pod(s) whose
