@@ -30,7 +30,11 @@ const DAY: Duration = Duration::from_secs(86_400);
 
 pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
     if args.issuer_days > args.anchor_days {
-        bail!("--issuer-days ({}) must not exceed --anchor-days ({})", args.issuer_days, args.anchor_days);
+        bail!(
+            "--issuer-days ({}) must not exceed --anchor-days ({})",
+            args.issuer_days,
+            args.anchor_days
+        );
     }
     let generated = weft_certs::generate_identity(
         &args.trust_domain,
@@ -46,12 +50,26 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn write_identity(dir: &Path, generated: &weft_certs::GeneratedIdentity, force: bool) -> anyhow::Result<()> {
+pub fn write_identity(
+    dir: &Path,
+    generated: &weft_certs::GeneratedIdentity,
+    force: bool,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_file(&dir.join("trust-anchors.pem"), &generated.trust_anchors_pem, 0o644, force)?;
+    write_file(
+        &dir.join("trust-anchors.pem"),
+        &generated.trust_anchors_pem,
+        0o644,
+        force,
+    )?;
     write_file(&dir.join("issuer.pem"), &generated.issuer_pem, 0o644, force)?;
     // The issuer key is a secret: readable by its owner only.
-    write_file(&dir.join("issuer-key.pem"), &generated.issuer_key_pem, 0o600, force)?;
+    write_file(
+        &dir.join("issuer-key.pem"),
+        &generated.issuer_key_pem,
+        0o600,
+        force,
+    )?;
     Ok(())
 }
 
@@ -63,9 +81,13 @@ fn write_file(path: &Path, contents: &str, mode: u32, force: bool) -> anyhow::Re
     } else {
         opts.create_new(true);
     }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("writing {} (use --force to replace an existing file)", path.display()))?;
-    f.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    let mut f = opts.open(path).with_context(|| {
+        format!(
+            "writing {} (use --force to replace an existing file)",
+            path.display()
+        )
+    })?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

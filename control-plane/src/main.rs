@@ -49,9 +49,18 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weft-control: starting runtime: {e}");
@@ -69,7 +78,10 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let Some(dir) = args.source.strip_prefix("dir:") else {
-        bail!("unsupported --source {:?}: expected dir:<path>", args.source);
+        bail!(
+            "unsupported --source {:?}: expected dir:<path>",
+            args.source
+        );
     };
     if args.cert_lifetime_secs < 10 {
         bail!("--cert-lifetime-secs must be at least 10");
@@ -78,8 +90,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let path = args.identity.join(name);
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
     };
-    let anchors = TrustAnchors::from_pem(read("trust-anchors.pem")?.as_bytes()).context("parsing trust-anchors.pem")?;
-    let issuer = Arc::new(Issuer::from_pem(&read("issuer.pem")?, &read("issuer-key.pem")?).context("loading the issuer")?);
+    let anchors = TrustAnchors::from_pem(read("trust-anchors.pem")?.as_bytes())
+        .context("parsing trust-anchors.pem")?;
+    let issuer = Arc::new(
+        Issuer::from_pem(&read("issuer.pem")?, &read("issuer-key.pem")?)
+            .context("loading the issuer")?,
+    );
     let own_id = SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
         .context("control plane identity")?;
 
@@ -95,7 +111,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tokio::time::sleep(own_lifetime.mul_f64(0.7)).await;
                 match issuer.issue_own(&own_id, own_lifetime) {
                     Ok((key, not_after)) => store.install(key, not_after),
-                    Err(e) => tracing::error!(error = %e, "renewing the control plane's own certificate"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "renewing the control plane's own certificate")
+                    }
                 }
             }
         }
@@ -118,7 +136,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let tls = server_config(&anchors, store, ClientAuth::Optional, &[b"h2"])?;
-    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(listen = %args.listen, identity = %own_id, source = %args.source, "serving");
     let identity = IdentityService {
         index: index.clone(),
@@ -126,12 +146,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         trust_domain: args.trust_domain.clone(),
         lifetime: Duration::from_secs(args.cert_lifetime_secs),
     };
-    let destination = DestinationService { index, trust_domain: args.trust_domain.clone() };
+    let destination = DestinationService {
+        index,
+        trust_domain: args.trust_domain.clone(),
+    };
     Server::builder()
         // Requests are small (a CSR and a token; a target name): refuse big ones before decoding.
         .add_service(IdentityServer::new(identity).max_decoding_message_size(64 * 1024))
         .add_service(DestinationServer::new(destination).max_decoding_message_size(16 * 1024))
-        .serve_with_incoming_shutdown(tls_server::incoming(listener, TlsAcceptor::from(tls)), shutdown_signal())
+        .serve_with_incoming_shutdown(
+            tls_server::incoming(listener, TlsAcceptor::from(tls)),
+            shutdown_signal(),
+        )
         .await
         .context("gRPC server")?;
     Ok(())

@@ -12,7 +12,9 @@ use rustls::pki_types::ServerName;
 use tonic::Code;
 use weft_api::identity::identity_client::IdentityClient;
 use weft_api::identity::CertifyRequest;
-use weft_certs::{client_config, generate_identity, spiffe_id_of_cert, SpiffeId, TrustAnchors, WorkloadKey};
+use weft_certs::{
+    client_config, generate_identity, spiffe_id_of_cert, SpiffeId, TrustAnchors, WorkloadKey,
+};
 
 struct Control(Child);
 
@@ -24,7 +26,11 @@ impl Drop for Control {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -32,7 +38,12 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 fn write_setup(dir: &Path) {
-    let generated = generate_identity("cluster.local", Duration::from_secs(86_400), Duration::from_secs(3_600)).unwrap();
+    let generated = generate_identity(
+        "cluster.local",
+        Duration::from_secs(86_400),
+        Duration::from_secs(3_600),
+    )
+    .unwrap();
     let id = dir.join("identity");
     std::fs::create_dir_all(&id).unwrap();
     std::fs::write(id.join("trust-anchors.pem"), &generated.trust_anchors_pem).unwrap();
@@ -54,7 +65,10 @@ fn start_control(dir: &Path) -> (Control, u16) {
     let port = free_port();
     let control = Control(
         Command::new(env!("CARGO_BIN_EXE_weft-control"))
-            .args(["--source", &format!("dir:{}", dir.join("manifests").display())])
+            .args([
+                "--source",
+                &format!("dir:{}", dir.join("manifests").display()),
+            ])
             .args(["--identity", &dir.join("identity").display().to_string()])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .stdout(Stdio::null())
@@ -70,7 +84,9 @@ async fn certify_refusals_have_precise_statuses() {
     std::fs::create_dir_all(&dir).unwrap();
     write_setup(&dir);
     let (_control, port) = start_control(&dir);
-    let anchors = TrustAnchors::from_pem(&std::fs::read(dir.join("identity/trust-anchors.pem")).unwrap()).unwrap();
+    let anchors =
+        TrustAnchors::from_pem(&std::fs::read(dir.join("identity/trust-anchors.pem")).unwrap())
+            .unwrap();
     let control_id = SpiffeId::parse("spiffe://cluster.local/ns/weft/sa/weft-control").unwrap();
     let channel = weft_proxy::control::channel(
         &format!("127.0.0.1:{port}"),
@@ -86,62 +102,101 @@ async fn certify_refusals_have_precise_statuses() {
     // Wait for the control plane to listen (a valid request succeeds).
     let deadline = Instant::now() + Duration::from_secs(20);
     let ok = loop {
-        let req = CertifyRequest { identity: api.to_string(), token: b"api-token".to_vec(), csr_der: key.csr_der(&api).unwrap() };
+        let req = CertifyRequest {
+            identity: api.to_string(),
+            token: b"api-token".to_vec(),
+            csr_der: key.csr_der(&api).unwrap(),
+        };
         match client.certify(req).await {
             Ok(rsp) => break rsp.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
             Err(s) => panic!("valid certify failed: {s:?}"),
         }
     };
     assert_eq!(spiffe_id_of_cert(&ok.leaf_der).unwrap(), api);
     assert_eq!(ok.chain_der.len(), 1);
-    key.certified_key(ok.leaf_der.clone(), ok.chain_der.clone()).unwrap();
+    key.certified_key(ok.leaf_der.clone(), ok.chain_der.clone())
+        .unwrap();
 
     // A CSR for another identity, with a valid token.
     let err = client
-        .certify(CertifyRequest { identity: api.to_string(), token: b"api-token".to_vec(), csr_der: key.csr_der(&other).unwrap() })
+        .certify(CertifyRequest {
+            identity: api.to_string(),
+            token: b"api-token".to_vec(),
+            csr_der: key.csr_der(&other).unwrap(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     // Asking for another identity outright.
     let err = client
-        .certify(CertifyRequest { identity: other.to_string(), token: b"api-token".to_vec(), csr_der: key.csr_der(&other).unwrap() })
+        .certify(CertifyRequest {
+            identity: other.to_string(),
+            token: b"api-token".to_vec(),
+            csr_der: key.csr_der(&other).unwrap(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     // Wrong token.
     let err = client
-        .certify(CertifyRequest { identity: api.to_string(), token: b"guessed".to_vec(), csr_der: key.csr_der(&api).unwrap() })
+        .certify(CertifyRequest {
+            identity: api.to_string(),
+            token: b"guessed".to_vec(),
+            csr_der: key.csr_der(&api).unwrap(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     // No token.
     let err = client
-        .certify(CertifyRequest { identity: api.to_string(), token: vec![], csr_der: key.csr_der(&api).unwrap() })
+        .certify(CertifyRequest {
+            identity: api.to_string(),
+            token: vec![],
+            csr_der: key.csr_der(&api).unwrap(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     // Garbage CSR.
     let err = client
-        .certify(CertifyRequest { identity: api.to_string(), token: b"api-token".to_vec(), csr_der: b"not a csr".to_vec() })
+        .certify(CertifyRequest {
+            identity: api.to_string(),
+            token: b"api-token".to_vec(),
+            csr_der: b"not a csr".to_vec(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     // Oversized CSR: refused by the CSR check, and far larger ones before decoding.
     let err = client
-        .certify(CertifyRequest { identity: api.to_string(), token: b"api-token".to_vec(), csr_der: vec![0x30; 8_000] })
+        .certify(CertifyRequest {
+            identity: api.to_string(),
+            token: b"api-token".to_vec(),
+            csr_der: vec![0x30; 8_000],
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let err = client
-        .certify(CertifyRequest { identity: api.to_string(), token: b"api-token".to_vec(), csr_der: vec![0x30; 100_000] })
+        .certify(CertifyRequest {
+            identity: api.to_string(),
+            token: b"api-token".to_vec(),
+            csr_der: vec![0x30; 100_000],
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
 
     // Still serving after all that.
     client
-        .certify(CertifyRequest { identity: api.to_string(), token: b"api-token".to_vec(), csr_der: key.csr_der(&api).unwrap() })
+        .certify(CertifyRequest {
+            identity: api.to_string(),
+            token: b"api-token".to_vec(),
+            csr_der: key.csr_der(&api).unwrap(),
+        })
         .await
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
@@ -156,43 +211,85 @@ async fn destination_requires_mtls_and_streams_changes() {
     std::fs::create_dir_all(&dir).unwrap();
     write_setup(&dir);
     let (_control, port) = start_control(&dir);
-    let anchors = TrustAnchors::from_pem(&std::fs::read(dir.join("identity/trust-anchors.pem")).unwrap()).unwrap();
-    let control_name = ServerName::try_from(SpiffeId::parse("spiffe://cluster.local/ns/weft/sa/weft-control").unwrap().tls_server_name()).unwrap();
+    let anchors =
+        TrustAnchors::from_pem(&std::fs::read(dir.join("identity/trust-anchors.pem")).unwrap())
+            .unwrap();
+    let control_name = ServerName::try_from(
+        SpiffeId::parse("spiffe://cluster.local/ns/weft/sa/weft-control")
+            .unwrap()
+            .tls_server_name(),
+    )
+    .unwrap();
     let addr = format!("127.0.0.1:{port}");
     let api = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/api").unwrap();
 
     // Certify first (no client certificate yet).
-    let plain = weft_proxy::control::channel(&addr, control_name.clone(), client_config(&anchors, None, &[b"h2"]).unwrap()).unwrap();
+    let plain = weft_proxy::control::channel(
+        &addr,
+        control_name.clone(),
+        client_config(&anchors, None, &[b"h2"]).unwrap(),
+    )
+    .unwrap();
     let key = WorkloadKey::generate().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let cert = loop {
-        let req = CertifyRequest { identity: api.to_string(), token: b"api-token".to_vec(), csr_der: key.csr_der(&api).unwrap() };
+        let req = CertifyRequest {
+            identity: api.to_string(),
+            token: b"api-token".to_vec(),
+            csr_der: key.csr_der(&api).unwrap(),
+        };
         match IdentityClient::new(plain.clone()).certify(req).await {
             Ok(rsp) => break rsp.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
             Err(s) => panic!("certify failed: {s:?}"),
         }
     };
-    let watch = |target: &str| WatchRequest { target: target.to_string(), caller_identity: api.to_string() };
+    let watch = |target: &str| WatchRequest {
+        target: target.to_string(),
+        caller_identity: api.to_string(),
+    };
 
     // Without a client certificate, Destination refuses.
-    let err = DestinationClient::new(plain).watch(watch("198.18.0.2:8080")).await.unwrap_err();
+    let err = DestinationClient::new(plain)
+        .watch(watch("198.18.0.2:8080"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 
     let store = weft_certs::CertStore::new(api.clone());
     let not_after = std::time::UNIX_EPOCH + Duration::from_secs(cert.not_after_unix as u64);
-    store.install(key.certified_key(cert.leaf_der, cert.chain_der).unwrap(), not_after);
-    let mtls = weft_proxy::control::channel(&addr, control_name, client_config(&anchors, Some(store), &[b"h2"]).unwrap()).unwrap();
+    store.install(
+        key.certified_key(cert.leaf_der, cert.chain_der).unwrap(),
+        not_after,
+    );
+    let mtls = weft_proxy::control::channel(
+        &addr,
+        control_name,
+        client_config(&anchors, Some(store), &[b"h2"]).unwrap(),
+    )
+    .unwrap();
     let mut client = DestinationClient::new(mtls);
 
     // Claiming to be someone else is refused; a bad target is refused.
     let mut other = watch("198.18.0.2:8080");
     other.caller_identity = "spiffe://cluster.local/ns/shop/sa/admin".into();
-    assert_eq!(client.watch(other).await.unwrap_err().code(), Code::PermissionDenied);
-    assert_eq!(client.watch(watch("no-port")).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        client.watch(other).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        client.watch(watch("no-port")).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
     // A meshed pod's IP: known, its identity expected.
-    let mut pod = client.watch(watch("198.18.0.2:8080")).await.unwrap().into_inner();
+    let mut pod = client
+        .watch(watch("198.18.0.2:8080"))
+        .await
+        .unwrap()
+        .into_inner();
     let first = pod.message().await.unwrap().unwrap();
     assert!(first.known);
     assert_eq!(first.endpoints.len(), 1);
@@ -200,7 +297,11 @@ async fn destination_requires_mtls_and_streams_changes() {
     assert_eq!(first.endpoints[0].identity, api.to_string());
 
     // A Service that does not exist yet: unknown; then the file appears and the stream says so.
-    let mut svc = client.watch(watch("198.19.0.10:80")).await.unwrap().into_inner();
+    let mut svc = client
+        .watch(watch("198.19.0.10:80"))
+        .await
+        .unwrap()
+        .into_inner();
     let before = svc.message().await.unwrap().unwrap();
     assert!(!before.known && before.endpoints.is_empty());
     std::fs::write(
@@ -208,7 +309,11 @@ async fn destination_requires_mtls_and_streams_changes() {
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: api\n  namespace: shop\nspec:\n  clusterIP: 198.19.0.10\n  selector: {}\n  ports:\n  - port: 80\n    targetPort: 8080\n",
     )
     .unwrap();
-    let after = tokio::time::timeout(Duration::from_secs(10), svc.message()).await.unwrap().unwrap().unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(10), svc.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(after.known, "{after:?}");
     assert_eq!(after.service, "api.shop");
     // The selector matches no pod yet ({} selects nothing): no endpoints.

@@ -61,7 +61,10 @@ impl Admin {
                 if self.drain.is_draining() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
                 } else if !self.store.is_ready() {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "no workload certificate yet\n")
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no workload certificate yet\n",
+                    )
                 } else if !self.listening.load(Ordering::Acquire) {
                     text(StatusCode::SERVICE_UNAVAILABLE, "listeners not open yet\n")
                 } else {
@@ -72,7 +75,9 @@ impl Admin {
                 let mut rsp = Response::new(Full::new(Bytes::from(self.metrics.encode())));
                 rsp.headers_mut().insert(
                     http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
                 );
                 rsp
             }
@@ -82,10 +87,15 @@ impl Admin {
                     self.drain.start();
                     text(StatusCode::OK, "shutting down\n")
                 } else {
-                    text(StatusCode::FORBIDDEN, "shutdown is accepted from loopback only\n")
+                    text(
+                        StatusCode::FORBIDDEN,
+                        "shutdown is accepted from loopback only\n",
+                    )
                 }
             }
-            (_, "/live" | "/ready" | "/metrics" | "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+            (_, "/live" | "/ready" | "/metrics" | "/shutdown") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }

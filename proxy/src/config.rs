@@ -105,13 +105,22 @@ pub struct Settings {
 
 impl ProxyConfig {
     pub fn settings(&self) -> Result<Settings, ConfigError> {
-        let control_addr = self.control_addr.clone().ok_or(ConfigError::Missing("CONTROL_ADDR"))?;
-        let trust_anchors = self.trust_anchors.clone().ok_or(ConfigError::Missing("TRUST_ANCHORS"))?;
+        let control_addr = self
+            .control_addr
+            .clone()
+            .ok_or(ConfigError::Missing("CONTROL_ADDR"))?;
+        let trust_anchors = self
+            .trust_anchors
+            .clone()
+            .ok_or(ConfigError::Missing("TRUST_ANCHORS"))?;
         let identity_token_file = self
             .identity_token_file
             .clone()
             .ok_or(ConfigError::Missing("IDENTITY_TOKEN_FILE"))?;
-        let namespace = self.namespace.as_deref().ok_or(ConfigError::Missing("NAMESPACE"))?;
+        let namespace = self
+            .namespace
+            .as_deref()
+            .ok_or(ConfigError::Missing("NAMESPACE"))?;
         let identity = SpiffeId::new(&self.trust_domain, namespace, &self.service_account)?;
         Ok(Settings {
             control_addr,

@@ -58,7 +58,12 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    pub fn new(channel: Channel, caller: &SpiffeId, timeout: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        channel: Channel,
+        caller: &SpiffeId,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Discovery {
             client: DestinationClient::new(channel),
             caller: caller.to_string(),
@@ -68,15 +73,25 @@ impl Discovery {
         })
     }
 
-    pub async fn resolve(self: &Arc<Self>, addr: SocketAddr) -> Result<Arc<Target>, DiscoveryError> {
+    pub async fn resolve(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+    ) -> Result<Arc<Target>, DiscoveryError> {
         let mut rx = {
-            let mut targets = self.targets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            targets.entry(addr).or_insert_with(|| self.start_watch(addr)).clone()
+            let mut targets = self
+                .targets
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            targets
+                .entry(addr)
+                .or_insert_with(|| self.start_watch(addr))
+                .clone()
         };
         if let Some(target) = rx.borrow().as_ref() {
             return Ok(target.clone());
         }
-        let answered = match tokio::time::timeout(self.timeout, rx.wait_for(|t| t.is_some())).await {
+        let answered = match tokio::time::timeout(self.timeout, rx.wait_for(|t| t.is_some())).await
+        {
             Ok(Ok(target)) => target.as_ref().cloned(),
             _ => None,
         };
@@ -97,7 +112,10 @@ impl Discovery {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut client = self.client.clone();
         loop {
-            let req = WatchRequest { target: addr.to_string(), caller_identity: self.caller.clone() };
+            let req = WatchRequest {
+                target: addr.to_string(),
+                caller_identity: self.caller.clone(),
+            };
             match client.watch(req).await {
                 Ok(resp) => {
                     let mut stream = resp.into_inner();
@@ -188,10 +206,26 @@ mod tests {
             protocol: 1,
             service: "web.shop".into(),
             endpoints: vec![
-                ProtoEndpoint { address: "198.18.0.2:80".into(), identity: "spiffe://cluster.local/ns/shop/sa/web".into(), labels: Default::default() },
-                ProtoEndpoint { address: "not-an-addr".into(), identity: String::new(), labels: Default::default() },
-                ProtoEndpoint { address: "198.18.0.3:80".into(), identity: "http://evil".into(), labels: Default::default() },
-                ProtoEndpoint { address: "198.18.0.4:80".into(), identity: String::new(), labels: Default::default() },
+                ProtoEndpoint {
+                    address: "198.18.0.2:80".into(),
+                    identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+                    labels: Default::default(),
+                },
+                ProtoEndpoint {
+                    address: "not-an-addr".into(),
+                    identity: String::new(),
+                    labels: Default::default(),
+                },
+                ProtoEndpoint {
+                    address: "198.18.0.3:80".into(),
+                    identity: "http://evil".into(),
+                    labels: Default::default(),
+                },
+                ProtoEndpoint {
+                    address: "198.18.0.4:80".into(),
+                    identity: String::new(),
+                    labels: Default::default(),
+                },
             ],
         };
         let t = Target::from_policy(policy);
@@ -199,7 +233,10 @@ mod tests {
         assert_eq!(t.service.as_deref(), Some("web.shop"));
         assert_eq!(t.endpoints.len(), 2);
         let meshed = t.endpoints[0].identity.as_ref().unwrap();
-        assert_eq!(meshed.id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(
+            meshed.id.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
         assert!(t.endpoints[1].identity.is_none());
     }
 }

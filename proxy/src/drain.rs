@@ -34,7 +34,11 @@ impl Drain {
     pub fn new() -> Self {
         let (draining, _) = watch::channel(false);
         Drain {
-            shared: Arc::new(Shared { open: AtomicUsize::new(0), idle: Notify::new(), draining }),
+            shared: Arc::new(Shared {
+                open: AtomicUsize::new(0),
+                idle: Notify::new(),
+                draining,
+            }),
         }
     }
 
@@ -56,7 +60,9 @@ impl Drain {
 
     pub fn track(&self) -> ConnGuard {
         self.shared.open.fetch_add(1, Ordering::AcqRel);
-        ConnGuard { shared: self.shared.clone() }
+        ConnGuard {
+            shared: self.shared.clone(),
+        }
     }
 
     pub fn open_connections(&self) -> usize {

@@ -16,12 +16,20 @@ const BUF_SIZE: usize = 8 * 1024;
 /// Proxies until both directions have finished (each side's EOF is passed on as a
 /// write shutdown to the other) or either side fails. `accepted` is the connection the
 /// proxy accepted; its bytes are what the metrics count.
-pub async fn forward<A, B>(accepted: A, opened: B, metrics: &TcpConnMetrics) -> io::Result<(u64, u64)>
+pub async fn forward<A, B>(
+    accepted: A,
+    opened: B,
+    metrics: &TcpConnMetrics,
+) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut accepted = Counted { io: accepted, read: &metrics.read_bytes, written: &metrics.write_bytes };
+    let mut accepted = Counted {
+        io: accepted,
+        read: &metrics.read_bytes,
+        written: &metrics.write_bytes,
+    };
     let mut opened = opened;
     tokio::io::copy_bidirectional_with_sizes(&mut accepted, &mut opened, BUF_SIZE, BUF_SIZE).await
 }
@@ -34,7 +42,11 @@ struct Counted<'a, T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -46,7 +58,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = res {
             self.written.inc_by(n as u64);
@@ -78,7 +94,11 @@ impl<T> Prefixed<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.pos < self.prefix.len() {
             let n = (self.prefix.len() - self.pos).min(buf.remaining());
             let start = self.pos;
@@ -96,7 +116,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, data)
     }
 

@@ -22,7 +22,10 @@ const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("reading identity token {path}: {source}")]
-    Token { path: PathBuf, source: std::io::Error },
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("identity token {0} is empty or larger than 64 KiB")]
     TokenSize(PathBuf),
     #[error("control plane refused the certificate request: {0}")]
@@ -42,8 +45,19 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn new(channel: Channel, store: Arc<CertStore>, token_file: PathBuf, metrics: Arc<Metrics>) -> Self {
-        Identity { client: IdentityClient::new(channel), id: store.identity().clone(), token_file, store, metrics }
+    pub fn new(
+        channel: Channel,
+        store: Arc<CertStore>,
+        token_file: PathBuf,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Identity {
+            client: IdentityClient::new(channel),
+            id: store.identity().clone(),
+            token_file,
+            store,
+            metrics,
+        }
     }
 
     /// Runs forever: certify, sleep until renewal, repeat.
@@ -77,11 +91,16 @@ impl Identity {
         let csr_der = key.csr_der(&self.id)?;
         let resp = self
             .client
-            .certify(CertifyRequest { identity: self.id.to_string(), token, csr_der })
+            .certify(CertifyRequest {
+                identity: self.id.to_string(),
+                token,
+                csr_der,
+            })
             .await
             .map_err(IdentityError::Refused)?
             .into_inner();
-        let secs = u64::try_from(resp.not_after_unix).map_err(|_| IdentityError::BadExpiry(resp.not_after_unix))?;
+        let secs = u64::try_from(resp.not_after_unix)
+            .map_err(|_| IdentityError::BadExpiry(resp.not_after_unix))?;
         let not_after = UNIX_EPOCH + Duration::from_secs(secs);
         if not_after <= SystemTime::now() {
             return Err(IdentityError::BadExpiry(resp.not_after_unix));
@@ -96,12 +115,18 @@ impl Identity {
 async fn read_token(path: &PathBuf) -> Result<Vec<u8>, IdentityError> {
     let file = tokio::fs::File::open(path)
         .await
-        .map_err(|source| IdentityError::Token { path: path.clone(), source })?;
+        .map_err(|source| IdentityError::Token {
+            path: path.clone(),
+            source,
+        })?;
     let mut token = Vec::new();
     file.take(MAX_TOKEN_BYTES + 1)
         .read_to_end(&mut token)
         .await
-        .map_err(|source| IdentityError::Token { path: path.clone(), source })?;
+        .map_err(|source| IdentityError::Token {
+            path: path.clone(),
+            source,
+        })?;
     // Sent byte for byte (no trimming): the control plane hashes exactly what the file holds.
     if token.is_empty() || token.len() as u64 > MAX_TOKEN_BYTES {
         return Err(IdentityError::TokenSize(path.clone()));
@@ -124,7 +149,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff { base, max, attempt: 0 }
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
     }
 
     pub fn reset(&mut self) {
@@ -148,7 +177,10 @@ mod tests {
         let now = SystemTime::now();
         let d = renewal_delay(now, now + Duration::from_secs(100), 0.7);
         assert_eq!(d, Duration::from_secs(70));
-        assert_eq!(renewal_delay(now, now - Duration::from_secs(1), 0.7), Duration::ZERO);
+        assert_eq!(
+            renewal_delay(now, now - Duration::from_secs(1), 0.7),
+            Duration::ZERO
+        );
     }
 
     #[test]
@@ -172,11 +204,20 @@ mod tests {
         assert_eq!(read_token(&ok).await.unwrap(), b"secret\n");
         let empty = dir.join("empty");
         std::fs::write(&empty, b"").unwrap();
-        assert!(matches!(read_token(&empty).await, Err(IdentityError::TokenSize(_))));
+        assert!(matches!(
+            read_token(&empty).await,
+            Err(IdentityError::TokenSize(_))
+        ));
         let big = dir.join("big");
         std::fs::write(&big, vec![b'a'; 70 * 1024]).unwrap();
-        assert!(matches!(read_token(&big).await, Err(IdentityError::TokenSize(_))));
-        assert!(matches!(read_token(&dir.join("missing")).await, Err(IdentityError::Token { .. })));
+        assert!(matches!(
+            read_token(&big).await,
+            Err(IdentityError::TokenSize(_))
+        ));
+        assert!(matches!(
+            read_token(&dir.join("missing")).await,
+            Err(IdentityError::Token { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

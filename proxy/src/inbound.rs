@@ -34,7 +34,10 @@ pub enum InboundError {
     #[error("mesh TLS handshake timed out")]
     HandshakeTimeout,
     #[error("connecting to the app on {addr}: {source}")]
-    App { addr: SocketAddr, source: std::io::Error },
+    App {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("connecting to the app on {0}: timed out")]
     AppTimeout(SocketAddr),
 }
@@ -99,12 +102,15 @@ impl Inbound {
         let io = Prefixed::new(prefix, tcp);
         match detected {
             Detected::Mesh => {
-                let tls = match tokio::time::timeout(self.connect_timeout, self.tls.accept(io)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return Err(InboundError::Handshake(e)),
-                    Err(_) => return Err(InboundError::HandshakeTimeout),
-                };
-                let peer = weft_certs::peer_identity(tls.get_ref().1).map(|id| id.to_string()).unwrap_or_default();
+                let tls =
+                    match tokio::time::timeout(self.connect_timeout, self.tls.accept(io)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => return Err(InboundError::Handshake(e)),
+                        Err(_) => return Err(InboundError::HandshakeTimeout),
+                    };
+                let peer = weft_certs::peer_identity(tls.get_ref().1)
+                    .map(|id| id.to_string())
+                    .unwrap_or_default();
                 let app = self.connect_app(app_addr).await?;
                 let m = self.metrics.tcp_connection(TcpLabels {
                     direction: Direction::Inbound,
@@ -116,7 +122,10 @@ impl Inbound {
             Detected::Plaintext | Detected::Silent => {
                 if detected == Detected::Silent {
                     self.metrics.inbound_detect_timeouts.inc();
-                    tracing::debug!(port = dst.port(), "client sent nothing before the detection timeout; treating as opaque");
+                    tracing::debug!(
+                        port = dst.port(),
+                        "client sent nothing before the detection timeout; treating as opaque"
+                    );
                 }
                 let app = self.connect_app(app_addr).await?;
                 let m = self.metrics.tcp_connection(TcpLabels {
@@ -186,8 +195,14 @@ fn classify(buf: &[u8], our_server_name: &str) -> Option<Detected> {
         Ok(Some(accepted)) => {
             let hello = accepted.client_hello();
             let ours = hello.server_name() == Some(our_server_name);
-            let weft_alpn = hello.alpn().is_some_and(|mut protos| protos.any(|p| p == ALPN_OPAQUE));
-            Some(if ours && weft_alpn { Detected::Mesh } else { Detected::Plaintext })
+            let weft_alpn = hello
+                .alpn()
+                .is_some_and(|mut protos| protos.any(|p| p == ALPN_OPAQUE));
+            Some(if ours && weft_alpn {
+                Detected::Mesh
+            } else {
+                Detected::Plaintext
+            })
         }
         // Not TLS after all (or TLS we cannot parse): the app's business, pass it through.
         Err(_) => Some(Detected::Plaintext),
@@ -201,11 +216,13 @@ mod tests {
 
     fn client_hello(sni: &str, alpn: &[u8]) -> Vec<u8> {
         // Any rustls client emits a real ClientHello; the verifier never runs here.
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
         cfg.alpn_protocols = vec![alpn.to_vec()];
         let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
         let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
@@ -222,9 +239,21 @@ mod tests {
         // Partial hello: undecided.
         assert_eq!(classify(&hello[..hello.len() / 2], ours), None);
         // The app's own TLS (other SNI or ALPN) passes through untouched.
-        assert_eq!(classify(&client_hello("example.com", ALPN_OPAQUE), ours), Some(Detected::Plaintext));
-        assert_eq!(classify(&client_hello(ours, b"h2"), ours), Some(Detected::Plaintext));
-        assert_eq!(classify(b"GET / HTTP/1.1\r\n", ours), Some(Detected::Plaintext));
-        assert_eq!(classify(&[0x16, 0x00, 0x00, 0x00, 0x00, 0x00], ours), Some(Detected::Plaintext));
+        assert_eq!(
+            classify(&client_hello("example.com", ALPN_OPAQUE), ours),
+            Some(Detected::Plaintext)
+        );
+        assert_eq!(
+            classify(&client_hello(ours, b"h2"), ours),
+            Some(Detected::Plaintext)
+        );
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\n", ours),
+            Some(Detected::Plaintext)
+        );
+        assert_eq!(
+            classify(&[0x16, 0x00, 0x00, 0x00, 0x00, 0x00], ours),
+            Some(Detected::Plaintext)
+        );
     }
 }

@@ -6,7 +6,12 @@ use weft_proxy::config::{LogFormat, ProxyConfig};
 use weft_proxy::init;
 
 #[derive(Parser)]
-#[command(name = "weft-proxy", version, about = "weft's sidecar proxy", subcommand_negates_reqs = true)]
+#[command(
+    name = "weft-proxy",
+    version,
+    about = "weft's sidecar proxy",
+    subcommand_negates_reqs = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -44,7 +49,9 @@ fn run_proxy(config: ProxyConfig) -> anyhow::Result<()> {
     init_logging(&config.log, config.log_format);
     let settings = config.settings()?;
     let runtime = if config.worker_threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.worker_threads)
@@ -59,7 +66,10 @@ fn init_logging(filter: &str, format: LogFormat) {
         eprintln!("weft-proxy: invalid WEFT_LOG {filter:?} ({e}); using \"info\"");
         tracing_subscriber::EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Plain => builder.init(),
         LogFormat::Json => builder.json().init(),

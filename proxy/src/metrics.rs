@@ -87,10 +87,26 @@ impl Metrics {
         let control_plane_connected = Gauge::default();
         let discovery_failures = Counter::default();
         let inbound_detect_timeouts = Counter::default();
-        registry.register("tcp_open_connections", "TCP connections currently open", tcp_open.clone());
-        registry.register("tcp_connections_opened", "TCP connections accepted", tcp_opened.clone());
-        registry.register("tcp_read_bytes", "Bytes read from the peer", tcp_read_bytes.clone());
-        registry.register("tcp_write_bytes", "Bytes written to the peer", tcp_write_bytes.clone());
+        registry.register(
+            "tcp_open_connections",
+            "TCP connections currently open",
+            tcp_open.clone(),
+        );
+        registry.register(
+            "tcp_connections_opened",
+            "TCP connections accepted",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from the peer",
+            tcp_read_bytes.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to the peer",
+            tcp_write_bytes.clone(),
+        );
         registry.register(
             "tcp_connection_duration_seconds",
             "Lifetime of closed TCP connections",
@@ -165,7 +181,8 @@ pub struct TcpConnMetrics {
 impl Drop for TcpConnMetrics {
     fn drop(&mut self) {
         self.open.dec();
-        self.duration.observe(self.opened_at.elapsed().as_secs_f64());
+        self.duration
+            .observe(self.opened_at.elapsed().as_secs_f64());
     }
 }
 
@@ -193,6 +210,9 @@ mod tests {
         drop(conn);
         let text = m.encode();
         assert!(text.contains(r#"weft_tcp_open_connections{direction="inbound",peer_identity="spiffe://cluster.local/ns/a/sa/b",tls="true"} 0"#), "{text}");
-        assert!(text.contains("weft_tcp_connection_duration_seconds_count"), "{text}");
+        assert!(
+            text.contains("weft_tcp_connection_duration_seconds_count"),
+            "{text}"
+        );
     }
 }

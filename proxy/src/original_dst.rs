@@ -30,7 +30,10 @@ pub fn original_dst(sock: &impl AsRawFd, local: SocketAddr) -> io::Result<Socket
                 return Err(io::Error::last_os_error());
             }
             let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
-            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(addr.sin_port),
+            )))
         }
         SocketAddr::V6(_) => {
             // SAFETY: as above, for sockaddr_in6.

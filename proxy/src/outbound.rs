@@ -27,11 +27,18 @@ pub enum OutboundError {
     #[error("{0} has no endpoints")]
     NoEndpoints(SocketAddr),
     #[error("connecting to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("connecting to {0}: timed out")]
     ConnectTimeout(SocketAddr),
     #[error("mTLS to {addr} (expecting {identity}): {source}")]
-    Tls { addr: SocketAddr, identity: String, source: std::io::Error },
+    Tls {
+        addr: SocketAddr,
+        identity: String,
+        source: std::io::Error,
+    },
 }
 
 pub struct Outbound {
@@ -91,7 +98,12 @@ impl Outbound {
         self.connect_endpoint(tcp, dst, &target).await
     }
 
-    async fn connect_endpoint(&self, tcp: TcpStream, dst: SocketAddr, target: &Target) -> Result<(), OutboundError> {
+    async fn connect_endpoint(
+        &self,
+        tcp: TcpStream,
+        dst: SocketAddr,
+        target: &Target,
+    ) -> Result<(), OutboundError> {
         let n = target.endpoints.len();
         if n == 0 {
             return Err(OutboundError::NoEndpoints(dst));
@@ -136,7 +148,11 @@ impl Outbound {
         let handshake = self.mesh_tls.connect(peer.server_name.clone(), tcp);
         match tokio::time::timeout(self.connect_timeout, handshake).await {
             Ok(Ok(tls)) => Ok(Opened::Mesh(Box::new(tls), peer.id.to_string())),
-            Ok(Err(source)) => Err(OutboundError::Tls { addr: ep.addr, identity: peer.id.to_string(), source }),
+            Ok(Err(source)) => Err(OutboundError::Tls {
+                addr: ep.addr,
+                identity: peer.id.to_string(),
+                source,
+            }),
             Err(_) => Err(OutboundError::ConnectTimeout(ep.addr)),
         }
     }

@@ -58,7 +58,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     )?;
     tracing::info!(identity = %settings.identity, pod = %settings.pod_name, control = %settings.control_addr, "starting");
     tokio::spawn(
-        Identity::new(identity_channel, store.clone(), settings.identity_token_file.clone(), metrics.clone()).run(),
+        Identity::new(
+            identity_channel,
+            store.clone(),
+            settings.identity_token_file.clone(),
+            metrics.clone(),
+        )
+        .run(),
     );
 
     // Listeners open only once a certificate is held: until then mesh traffic could not
@@ -76,15 +82,29 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     }
 
-    let discovery = Discovery::new(discovery_channel, &settings.identity, settings.discovery_timeout, metrics.clone());
+    let discovery = Discovery::new(
+        discovery_channel,
+        &settings.identity,
+        settings.discovery_timeout,
+        metrics.clone(),
+    );
     let outbound = Arc::new(Outbound {
         discovery,
-        mesh_tls: TlsConnector::from(client_config(&anchors, Some(store.clone()), &[ALPN_OPAQUE])?),
+        mesh_tls: TlsConnector::from(client_config(
+            &anchors,
+            Some(store.clone()),
+            &[ALPN_OPAQUE],
+        )?),
         metrics: metrics.clone(),
         connect_timeout: settings.connect_timeout,
     });
     let inbound = Arc::new(Inbound {
-        tls: TlsAcceptor::from(server_config(&anchors, store.clone(), ClientAuth::Required, &[ALPN_OPAQUE])?),
+        tls: TlsAcceptor::from(server_config(
+            &anchors,
+            store.clone(),
+            ClientAuth::Required,
+            &[ALPN_OPAQUE],
+        )?),
         server_name: settings.identity.tls_server_name(),
         metrics: metrics.clone(),
         detect_timeout: settings.inbound_detect_timeout,
@@ -108,7 +128,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     drain.start();
     let left = drain.wait_idle(settings.shutdown_grace).await;
     if left > 0 {
-        tracing::warn!(open_connections = left, grace_secs = settings.shutdown_grace.as_secs(), "grace period over; closing connections");
+        tracing::warn!(
+            open_connections = left,
+            grace_secs = settings.shutdown_grace.as_secs(),
+            "grace period over; closing connections"
+        );
     } else {
         tracing::info!("drained");
     }

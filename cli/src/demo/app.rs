@@ -29,26 +29,38 @@ pub fn echo_server(listen: SocketAddr) -> anyhow::Result<()> {
 
 /// One connection: sends `message`, half-closes, and checks the echo. Returns bytes echoed.
 pub fn echo_once(addr: SocketAddr, message: &[u8]) -> Result<usize, String> {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
     conn.write_all(message).map_err(|e| format!("write: {e}"))?;
-    conn.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+    conn.shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
     let mut echoed = Vec::with_capacity(message.len());
-    conn.read_to_end(&mut echoed).map_err(|e| format!("read: {e}"))?;
+    conn.read_to_end(&mut echoed)
+        .map_err(|e| format!("read: {e}"))?;
     if echoed != message {
-        return Err(format!("echo differs: sent {} bytes, got {}", message.len(), echoed.len()));
+        return Err(format!(
+            "echo differs: sent {} bytes, got {}",
+            message.len(),
+            echoed.len()
+        ));
     }
     Ok(echoed.len())
 }
 
 /// A plain HTTP/1.0 GET returning (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect {addr}: {e}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
     write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
     let mut raw = String::new();
     conn.read_to_string(&mut raw).map_err(|e| e.to_string())?;
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or("malformed HTTP response")?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or("malformed HTTP response")?;
     let status = head
         .split_whitespace()
         .nth(1)

@@ -42,9 +42,24 @@ struct Pod {
 }
 
 const PODS: [Pod; 3] = [
-    Pod { name: "server", ip: SERVER_IP, service_account: "server", meshed: true },
-    Pod { name: "client", ip: CLIENT_IP, service_account: "client", meshed: true },
-    Pod { name: "legacy", ip: LEGACY_IP, service_account: "legacy", meshed: false },
+    Pod {
+        name: "server",
+        ip: SERVER_IP,
+        service_account: "server",
+        meshed: true,
+    },
+    Pod {
+        name: "client",
+        ip: CLIENT_IP,
+        service_account: "client",
+        meshed: true,
+    },
+    Pod {
+        name: "legacy",
+        ip: LEGACY_IP,
+        service_account: "legacy",
+        meshed: false,
+    },
 ];
 
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
@@ -76,7 +91,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     set_mode(&manifests, 0o755)?;
 
     step("generating a trust anchor and issuer");
-    let generated = weft_certs::generate_identity("cluster.local", Duration::from_secs(86_400 * 30), Duration::from_secs(86_400 * 7))?;
+    let generated = weft_certs::generate_identity(
+        "cluster.local",
+        Duration::from_secs(86_400 * 30),
+        Duration::from_secs(86_400 * 7),
+    )?;
     crate::identity::write_identity(&identity_dir, &generated, true)?;
     set_mode(&identity_dir, 0o755)?;
     let anchors = identity_dir.join("trust-anchors.pem");
@@ -93,7 +112,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     let prefix = format!("wd{}", std::process::id() % 100_000);
     let mut sb = Sandbox::new(&prefix, &logs)?;
-    step(&format!("control plane on {NODE_IP}:7150 (namespace {})", sb.node()));
+    step(&format!(
+        "control plane on {NODE_IP}:7150 (namespace {})",
+        sb.node()
+    ));
     let node = sb.node().to_string();
     sb.spawn(
         "control",
@@ -115,11 +137,15 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     for pod in &PODS {
         let ns = sb.add_pod(pod.name, pod.ip)?;
         if pod.meshed {
-            sb.exec(&ns, &proxy, &["init"]).context("installing iptables rules")?;
+            sb.exec(&ns, &proxy, &["init"])
+                .context("installing iptables rules")?;
             let (token_path, _) = &tokens[pod.name];
             let env = [
                 ("WEFT_CONTROL_ADDR", format!("{NODE_IP}:7150")),
-                ("WEFT_CONTROL_IDENTITY", "spiffe://cluster.local/ns/weft/sa/weft-control".to_string()),
+                (
+                    "WEFT_CONTROL_IDENTITY",
+                    "spiffe://cluster.local/ns/weft/sa/weft-control".to_string(),
+                ),
                 ("WEFT_TRUST_ANCHORS", anchors.display().to_string()),
                 ("WEFT_IDENTITY_TOKEN_FILE", token_path.display().to_string()),
                 ("WEFT_NAMESPACE", NAMESPACE.to_string()),
@@ -127,20 +153,41 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
                 ("WEFT_POD_NAME", pod.name.to_string()),
                 ("WEFT_LOG", "info".to_string()),
             ];
-            sb.spawn(&format!("proxy-{}", pod.name), &ns, Some(PROXY_UID), &proxy, &[], &env)?;
-            step(&format!("pod {:<7} {}  meshed (iptables + proxy as uid {PROXY_UID}, sa {})", pod.name, pod.ip, pod.service_account));
+            sb.spawn(
+                &format!("proxy-{}", pod.name),
+                &ns,
+                Some(PROXY_UID),
+                &proxy,
+                &[],
+                &env,
+            )?;
+            step(&format!(
+                "pod {:<7} {}  meshed (iptables + proxy as uid {PROXY_UID}, sa {})",
+                pod.name, pod.ip, pod.service_account
+            ));
         } else {
             step(&format!("pod {:<7} {}  not meshed", pod.name, pod.ip));
         }
         pod_ns.insert(pod.name, ns);
     }
     let me = std::env::current_exe()?;
-    sb.spawn("app-server", &pod_ns["server"], None, &me, &["demo-echo", "--listen", &format!("0.0.0.0:{APP_PORT}")], &[])?;
+    sb.spawn(
+        "app-server",
+        &pod_ns["server"],
+        None,
+        &me,
+        &["demo-echo", "--listen", &format!("0.0.0.0:{APP_PORT}")],
+        &[],
+    )?;
 
     for pod in PODS.iter().filter(|p| p.meshed) {
         wait_ready(&mut sb, &node, pod)?;
     }
-    wait_listening(&mut sb, &pod_ns["server"], SocketAddr::from(([127, 0, 0, 1], APP_PORT)))?;
+    wait_listening(
+        &mut sb,
+        &pod_ns["server"],
+        SocketAddr::from(([127, 0, 0, 1], APP_PORT)),
+    )?;
     step("all proxies ready (each holds a workload certificate)");
     println!();
 
@@ -153,23 +200,36 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         None => println!("running until Ctrl-C\n"),
     }
 
-    let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs(s));
+    let deadline = args
+        .duration
+        .map(|s| Instant::now() + Duration::from_secs(s));
     let interrupted = interrupt_flag()?;
     let mut stats = Stats::default();
     let mut round = 0u64;
     loop {
         round += 1;
-        let msg = format!("hello #{round} from the client pod, through two weft proxies").into_bytes();
-        record(&mut stats.client, in_netns(&pod_ns["client"], move || app::echo_once(service, &msg))?);
+        let msg =
+            format!("hello #{round} from the client pod, through two weft proxies").into_bytes();
+        record(
+            &mut stats.client,
+            in_netns(&pod_ns["client"], move || app::echo_once(service, &msg))?,
+        );
         if round % 3 == 1 {
             let msg = format!("plaintext #{round} from legacy").into_bytes();
-            record(&mut stats.legacy, in_netns(&pod_ns["legacy"], move || app::echo_once(server_direct, &msg))?);
+            record(
+                &mut stats.legacy,
+                in_netns(&pod_ns["legacy"], move || {
+                    app::echo_once(server_direct, &msg)
+                })?,
+            );
         }
         sb.check_alive()?;
         if round % 5 == 1 {
             print_view(&node)?;
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) || interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+        if deadline.is_some_and(|d| Instant::now() >= d)
+            || interrupted.load(std::sync::atomic::Ordering::Relaxed)
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(300));
@@ -225,7 +285,8 @@ type InboundView = BTreeMap<(String, String), (u64, u64, u64)>;
 
 fn print_view(node: &str) -> anyhow::Result<InboundView> {
     let admin = SocketAddr::from((SERVER_IP, 7191));
-    let (status, body) = in_netns(node, move || app::http_get(admin, "/metrics"))?.map_err(anyhow::Error::msg)?;
+    let (status, body) =
+        in_netns(node, move || app::http_get(admin, "/metrics"))?.map_err(anyhow::Error::msg)?;
     if status != 200 {
         bail!("server proxy /metrics answered {status}");
     }
@@ -234,7 +295,10 @@ fn print_view(node: &str) -> anyhow::Result<InboundView> {
         if labels.get("direction").map(String::as_str) != Some("inbound") {
             continue;
         }
-        let key = (labels.get("peer_identity").cloned().unwrap_or_default(), labels.get("tls").cloned().unwrap_or_default());
+        let key = (
+            labels.get("peer_identity").cloned().unwrap_or_default(),
+            labels.get("tls").cloned().unwrap_or_default(),
+        );
         let row = view.entry(key).or_default();
         match name.as_str() {
             "weft_tcp_connections_opened_total" => row.0 = value as u64,
@@ -244,10 +308,21 @@ fn print_view(node: &str) -> anyhow::Result<InboundView> {
         }
     }
     let mut out = String::new();
-    let _ = writeln!(out, "  server proxy, inbound:  {:<44} {:>5} {:>7} {:>10} {:>10}", "peer identity", "tls", "conns", "bytes in", "bytes out");
+    let _ = writeln!(
+        out,
+        "  server proxy, inbound:  {:<44} {:>5} {:>7} {:>10} {:>10}",
+        "peer identity", "tls", "conns", "bytes in", "bytes out"
+    );
     for ((peer, tls), (conns, read, written)) in &view {
-        let peer = if peer.is_empty() { "(unauthenticated)" } else { peer };
-        let _ = writeln!(out, "                          {peer:<44} {tls:>5} {conns:>7} {read:>10} {written:>10}");
+        let peer = if peer.is_empty() {
+            "(unauthenticated)"
+        } else {
+            peer
+        };
+        let _ = writeln!(
+            out,
+            "                          {peer:<44} {tls:>5} {conns:>7} {read:>10} {written:>10}"
+        );
     }
     print!("{out}");
     Ok(view)
@@ -255,35 +330,63 @@ fn print_view(node: &str) -> anyhow::Result<InboundView> {
 
 fn evaluate(stats: &Stats, inbound: &InboundView) -> Vec<(bool, String)> {
     let client_id = format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/client");
-    let mtls = inbound.get(&(client_id.clone(), "true".to_string())).map_or(0, |r| r.0);
-    let plain = inbound.get(&(String::new(), "false".to_string())).map_or(0, |r| r.0);
+    let mtls = inbound
+        .get(&(client_id.clone(), "true".to_string()))
+        .map_or(0, |r| r.0);
+    let plain = inbound
+        .get(&(String::new(), "false".to_string()))
+        .map_or(0, |r| r.0);
     vec![
         (
             stats.client.ok > 0 && stats.client.failed == 0,
-            format!("client → Service: {} echoes intact, {} failed{}", stats.client.ok, stats.client.failed, suffix(&stats.client)),
+            format!(
+                "client → Service: {} echoes intact, {} failed{}",
+                stats.client.ok,
+                stats.client.failed,
+                suffix(&stats.client)
+            ),
         ),
         (
             stats.legacy.ok > 0 && stats.legacy.failed == 0,
-            format!("legacy → server: {} echoes intact, {} failed{}", stats.legacy.ok, stats.legacy.failed, suffix(&stats.legacy)),
+            format!(
+                "legacy → server: {} echoes intact, {} failed{}",
+                stats.legacy.ok,
+                stats.legacy.failed,
+                suffix(&stats.legacy)
+            ),
         ),
-        (mtls >= stats.client.ok && mtls > 0, format!("server proxy saw {mtls} mTLS connection(s) from {client_id}")),
-        (plain >= stats.legacy.ok && plain > 0, format!("server proxy saw {plain} plaintext connection(s) from the unmeshed pod")),
+        (
+            mtls >= stats.client.ok && mtls > 0,
+            format!("server proxy saw {mtls} mTLS connection(s) from {client_id}"),
+        ),
+        (
+            plain >= stats.legacy.ok && plain > 0,
+            format!("server proxy saw {plain} plaintext connection(s) from the unmeshed pod"),
+        ),
     ]
 }
 
 fn suffix(t: &Tally) -> String {
-    t.last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+    t.last_error
+        .as_ref()
+        .map(|e| format!(" (last error: {e})"))
+        .unwrap_or_default()
 }
 
 /// (metric name, labels, value) for each sample line of a Prometheus text exposition.
 fn parse_metrics(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
     let mut out = Vec::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let (series, value) = match line.rsplit_once(' ') {
             Some(x) => x,
             None => continue,
         };
-        let Ok(value) = value.parse::<f64>() else { continue };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
         let (name, labels) = match series.split_once('{') {
             Some((n, rest)) => (n, rest.trim_end_matches('}')),
             None => (series, ""),
@@ -316,7 +419,9 @@ fn wait_ready(sb: &mut Sandbox, node: &str, pod: &Pod) -> anyhow::Result<()> {
 
 fn wait_listening(sb: &mut Sandbox, ns: &str, addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !in_netns(ns, move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())? {
+    while !in_netns(ns, move || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })? {
         sb.check_alive()?;
         if Instant::now() > deadline {
             bail!("the echo app is not listening on {addr} after 10 s");
@@ -334,7 +439,11 @@ fn write_manifests(dir: &Path, tokens: &BTreeMap<&str, (PathBuf, String)>) -> an
         let mut annotations = String::new();
         if pod.meshed {
             let digest = ring::digest::digest(&ring::digest::SHA256, tokens[pod.name].1.as_bytes());
-            let _ = write!(annotations, "    weft.io/token-sha256: \"{}\"\n", hex::encode(digest.as_ref()));
+            let _ = write!(
+                annotations,
+                "    weft.io/token-sha256: \"{}\"\n",
+                hex::encode(digest.as_ref())
+            );
         } else {
             annotations.push_str("    weft.io/inject: disabled\n");
         }
@@ -365,7 +474,9 @@ fn preflight() -> anyhow::Result<()> {
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
             .unwrap_or(false);
         if !found {
-            bail!("weft demo needs `{tool}` (Debian: apt-get install iproute2 util-linux iptables)");
+            bail!(
+                "weft demo needs `{tool}` (Debian: apt-get install iproute2 util-linux iptables)"
+            );
         }
     }
     Ok(())
@@ -378,7 +489,8 @@ fn random_token() -> String {
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
 }
 
 fn step(what: &str) {
@@ -390,7 +502,12 @@ fn interrupt_flag() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBo
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let set = flag.clone();
     std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else { return };
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+        else {
+            return;
+        };
         rt.block_on(async {
             if tokio::signal::ctrl_c().await.is_ok() {
                 set.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -410,7 +527,10 @@ mod tests {
         let samples = parse_metrics(text);
         assert_eq!(samples.len(), 2);
         assert_eq!(samples[0].0, "weft_tcp_connections_opened_total");
-        assert_eq!(samples[0].1["peer_identity"], "spiffe://cluster.local/ns/demo/sa/client");
+        assert_eq!(
+            samples[0].1["peer_identity"],
+            "spiffe://cluster.local/ns/demo/sa/client"
+        );
         assert_eq!(samples[0].1["tls"], "true");
         assert_eq!(samples[0].2, 3.0);
         assert_eq!(samples[1], ("plain".to_string(), BTreeMap::new(), 1.5));

@@ -37,7 +37,15 @@ impl Sandbox {
         sb.add_netns(&node)?;
         ip(&["-n", &node, "link", "set", "lo", "up"])?;
         ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &node, "addr", "add", &format!("{NODE_IP}/24"), "dev", "br0"])?;
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
         ip(&["-n", &node, "link", "set", "br0", "up"])?;
         Ok(sb)
     }
@@ -48,7 +56,10 @@ impl Sandbox {
 
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
         // A namespace left over by a killed earlier run would make `add` fail.
-        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         ip(&["netns", "add", name])?;
         self.namespaces.push(name.to_string());
         Ok(())
@@ -60,12 +71,33 @@ impl Sandbox {
         self.add_netns(&ns)?;
         self.pods += 1;
         let host_end = format!("veth{}", self.pods);
-        ip(&["-n", &self.node, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        ip(&["-n", &self.node, "link", "set", &host_end, "master", "br0", "up"])?;
+        ip(&[
+            "-n", &self.node, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ])?;
+        ip(&[
+            "-n", &self.node, "link", "set", &host_end, "master", "br0", "up",
+        ])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "route", "add", "default", "via", &NODE_IP.to_string()])?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &NODE_IP.to_string(),
+        ])?;
         Ok(ns)
     }
 
@@ -78,7 +110,12 @@ impl Sandbox {
             .output()
             .with_context(|| format!("running {}", program.display()))?;
         if !out.status.success() {
-            bail!("{} {:?} in {ns} failed: {}", program.display(), args, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "{} {:?} in {ns} failed: {}",
+                program.display(),
+                args,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     }
@@ -94,14 +131,19 @@ impl Sandbox {
         env: &[(&str, String)],
     ) -> anyhow::Result<()> {
         let log_path = self.logs.join(format!("{name}.log"));
-        let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns]);
         if let Some(uid) = uid {
             let (u, g) = (format!("--reuid={uid}"), format!("--regid={uid}"));
             cmd.args(["setpriv", &u, &g, "--clear-groups", "--"]);
         }
-        cmd.arg(program).args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -114,7 +156,10 @@ impl Sandbox {
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         for (name, child) in &mut self.procs {
             if let Ok(Some(status)) = child.try_wait() {
-                bail!("{name} exited ({status}); see {}/{name}.log", self.logs.display());
+                bail!(
+                    "{name} exited ({status}); see {}/{name}.log",
+                    self.logs.display()
+                );
             }
         }
         Ok(())
@@ -134,15 +179,25 @@ impl Drop for Sandbox {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
     if !out.status.success() {
-        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
 /// Runs `f` on a fresh thread that has joined network namespace `ns`; sockets it opens live there.
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
     let path = format!("/run/netns/{ns}");
     let file = File::open(&path).with_context(|| format!("opening {path}"))?;
     let handle = std::thread::spawn(move || {
