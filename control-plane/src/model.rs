@@ -2,6 +2,13 @@
 //! plane asks of it: who is meshed, what is behind an `ip:port`, which pod a token proves.
 //! Pure domain types: no YAML, Kubernetes client or protobuf types leak in here.
 
+pub mod duration;
+pub mod route_resolution;
+pub mod routes;
+
+pub use route_resolution::{ResolvedBackend, ResolvedRetry, ResolvedRoute, DEFAULT_ROUTE_NAME};
+pub use routes::{HttpRoute, TrafficSplit};
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -84,6 +91,10 @@ pub struct ClusterState {
     pub pods: BTreeMap<(String, String), Pod>,
     /// Keyed by (namespace, name).
     pub services: BTreeMap<(String, String), Service>,
+    /// Keyed by (namespace, name).
+    pub traffic_splits: BTreeMap<(String, String), TrafficSplit>,
+    /// Keyed by (namespace, name).
+    pub http_routes: BTreeMap<(String, String), HttpRoute>,
 }
 
 /// What is behind an original destination `ip:port`.
@@ -95,8 +106,11 @@ pub struct Destination {
     pub service: Option<String>,
     /// Skip protocol detection and proxy as raw TCP.
     pub opaque: bool,
-    /// Sorted by address.
+    /// Sorted by address. For HTTP, where no route matches (or there are no routes).
     pub endpoints: Vec<EndpointInfo>,
+    /// HTTP route table, first match wins: from the HTTPRoutes attached to the Service port,
+    /// else from its TrafficSplit; empty for pods, unknown addresses and unrouted Services.
+    pub routes: Vec<ResolvedRoute>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +231,7 @@ impl ClusterState {
             service: None,
             opaque: is_default_opaque(addr.port()),
             endpoints: Vec::new(),
+            routes: Vec::new(),
         }
     }
 
@@ -229,8 +244,29 @@ impl ClusterState {
             Some((service, port))
         })?;
 
-        let mut opaque = is_default_opaque(service_port.port)
+        let (endpoints, opaque_target) =
+            self.service_endpoints(service, service_port, trust_domain);
+        let opaque = opaque_target
+            || is_default_opaque(service_port.port)
             || annotation_lists_port(&service.annotations, service_port.port);
+        Some(Destination {
+            known: true,
+            service: Some(format!("{}.{}", service.name, service.namespace)),
+            opaque,
+            endpoints,
+            routes: self.routes_for(service, service_port, trust_domain),
+        })
+    }
+
+    /// The endpoints behind one port of a Service, sorted by address, and whether any of
+    /// their target ports is opaque.
+    fn service_endpoints(
+        &self,
+        service: &Service,
+        service_port: &ServicePort,
+        trust_domain: &str,
+    ) -> (Vec<EndpointInfo>, bool) {
+        let mut opaque = false;
         let mut endpoints = Vec::new();
         if !service.selector.is_empty() {
             for pod in self.pods_in(&service.namespace) {
@@ -250,13 +286,7 @@ impl ClusterState {
         endpoints.sort_by_key(|endpoint| endpoint.addr);
         // Host-network pods share their node's IP; one address is one endpoint.
         endpoints.dedup_by_key(|endpoint| endpoint.addr);
-
-        Some(Destination {
-            known: true,
-            service: Some(format!("{}.{}", service.name, service.namespace)),
-            opaque,
-            endpoints,
-        })
+        (endpoints, opaque)
     }
 
     fn resolve_pod(&self, addr: SocketAddr, trust_domain: &str) -> Option<Destination> {
@@ -280,6 +310,7 @@ impl ClusterState {
             opaque: is_default_opaque(addr.port())
                 || annotation_lists_port(&pod.annotations, addr.port()),
             endpoints: self.endpoint(pod, addr, trust_domain).into_iter().collect(),
+            routes: Vec::new(),
         })
     }
 
@@ -670,6 +701,7 @@ mod tests {
                 .into_iter()
                 .map(|s| ((s.namespace.clone(), s.name.clone()), s))
                 .collect(),
+            ..ClusterState::default()
         }
     }
 
@@ -855,7 +887,8 @@ mod tests {
                 known: false,
                 service: None,
                 opaque: false,
-                endpoints: vec![]
+                endpoints: vec![],
+                routes: vec![]
             }
         );
         assert!(shop().resolve(addr("192.0.2.1:3306"), TD).opaque);

@@ -320,3 +320,178 @@ async fn destination_requires_mtls_and_streams_changes() {
     assert!(after.endpoints.is_empty(), "{after:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Certifies as `spiffe://cluster.local/ns/shop/sa/api` (waiting for the control plane to
+/// listen) and returns a Destination client on an mTLS channel with that certificate.
+async fn destination_client(
+    dir: &Path,
+    port: u16,
+) -> weft_api::destination::destination_client::DestinationClient<tonic::transport::Channel> {
+    let anchors =
+        TrustAnchors::from_pem(&std::fs::read(dir.join("identity/trust-anchors.pem")).unwrap())
+            .unwrap();
+    let control_name = ServerName::try_from(
+        SpiffeId::parse("spiffe://cluster.local/ns/weft/sa/weft-control")
+            .unwrap()
+            .tls_server_name(),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let api = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/api").unwrap();
+    let plain = weft_proxy::control::channel(
+        &addr,
+        control_name.clone(),
+        client_config(&anchors, None, &[b"h2"]).unwrap(),
+    )
+    .unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let cert = loop {
+        let req = CertifyRequest {
+            identity: api.to_string(),
+            token: b"api-token".to_vec(),
+            csr_der: key.csr_der(&api).unwrap(),
+        };
+        match IdentityClient::new(plain.clone()).certify(req).await {
+            Ok(rsp) => break rsp.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => panic!("certify failed: {s:?}"),
+        }
+    };
+    let store = weft_certs::CertStore::new(api);
+    let not_after = std::time::UNIX_EPOCH + Duration::from_secs(cert.not_after_unix as u64);
+    store.install(
+        key.certified_key(cert.leaf_der, cert.chain_der).unwrap(),
+        not_after,
+    );
+    let mtls = weft_proxy::control::channel(
+        &addr,
+        control_name,
+        client_config(&anchors, Some(store), &[b"h2"]).unwrap(),
+    )
+    .unwrap();
+    weft_api::destination::destination_client::DestinationClient::new(mtls)
+}
+
+const ROUTED_SHOP: &str = "
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Namespace, metadata: {name: shop, annotations: {weft.io/inject: enabled}}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web-v1-0, namespace: shop, labels: {app: web, version: v1}}, spec: {serviceAccountName: web}, status: {podIP: 198.18.1.1}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web-v2-0, namespace: shop, labels: {app: web, version: v2}}, spec: {serviceAccountName: web}, status: {podIP: 198.18.1.2}}
+- {apiVersion: v1, kind: Service, metadata: {name: web, namespace: shop}, spec: {clusterIP: 198.19.1.10, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}}
+- {apiVersion: v1, kind: Service, metadata: {name: web-v1, namespace: shop}, spec: {clusterIP: 198.19.1.11, selector: {version: v1}, ports: [{port: 80, targetPort: 8080}]}}
+- {apiVersion: v1, kind: Service, metadata: {name: web-v2, namespace: shop}, spec: {clusterIP: 198.19.1.12, selector: {version: v2}, ports: [{port: 80, targetPort: 8080}]}}
+";
+
+fn split_yaml(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: split.smi-spec.io/v1alpha2\nkind: TrafficSplit\nmetadata: {{name: web-split, namespace: shop}}\nspec:\n  service: web\n  backends: [{{service: web-v1, weight: {v1}}}, {{service: web-v2, weight: {v2}}}]\n"
+    )
+}
+
+/// Replaces a manifest atomically, as editors and config tools do, so the watcher never
+/// sees a half-written file.
+fn replace_manifest(dir: &Path, name: &str, text: &str) {
+    let temp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&temp, text).unwrap();
+    std::fs::rename(&temp, dir.join(name)).unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn route_edits_reach_an_open_destination_stream() {
+    use weft_api::destination::{path_match, WatchRequest};
+
+    let dir = std::env::temp_dir().join(format!("weft-routes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_setup(&dir);
+    let manifests = dir.join("manifests");
+    std::fs::write(manifests.join("shop.yaml"), ROUTED_SHOP).unwrap();
+    std::fs::write(manifests.join("split.yaml"), split_yaml(90, 10)).unwrap();
+    let (_control, port) = start_control(&dir);
+    let mut client = destination_client(&dir, port).await;
+
+    let mut stream = client
+        .watch(WatchRequest {
+            target: "198.19.1.10:80".into(),
+            caller_identity: "spiffe://cluster.local/ns/shop/sa/api".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.service, "web.shop");
+    assert_eq!(first.routes.len(), 1, "{first:?}");
+    let route = &first.routes[0];
+    assert_eq!(route.name, "default");
+    let split: Vec<_> = route
+        .backends
+        .iter()
+        .map(|b| {
+            let addresses: Vec<&str> = b.endpoints.iter().map(|e| e.address.as_str()).collect();
+            (b.name.as_str(), b.weight, addresses)
+        })
+        .collect();
+    assert_eq!(
+        split,
+        vec![
+            ("web-v1.shop", 90, vec!["198.18.1.1:8080"]),
+            ("web-v2.shop", 10, vec!["198.18.1.2:8080"]),
+        ]
+    );
+    assert_eq!(
+        route.backends[0].endpoints[0].identity,
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+
+    // Editing the split: the open stream gets the new weights within 2 s.
+    let edited_at = Instant::now();
+    replace_manifest(&manifests, "split.yaml", &split_yaml(50, 50));
+    let next = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .expect("no update within 2 s")
+        .unwrap()
+        .unwrap();
+    let weights: Vec<u32> = next.routes[0].backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, vec![50, 50], "{next:?}");
+    assert!(edited_at.elapsed() < Duration::from_secs(2));
+
+    // An HTTPRoute for the same Service takes over from the split.
+    replace_manifest(
+        &manifests,
+        "route.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-routes, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: web, port: 80}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /api/v2}}]\n    backendRefs: [{name: web-v2}]\n    timeouts: {request: 3s}\n    retry: {attempts: 2}\n  - backendRefs: [{name: web-v1}]\n",
+    );
+    let routed = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .expect("no update within 2 s")
+        .unwrap()
+        .unwrap();
+    let names: Vec<&str> = routed.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, vec!["web-routes", "web-routes"], "{routed:?}");
+    let api_v2 = &routed.routes[0];
+    assert_eq!(
+        api_v2.matches[0].path.as_ref().and_then(|p| p.kind.clone()),
+        Some(path_match::Kind::Prefix("/api/v2".into()))
+    );
+    assert_eq!(api_v2.backends[0].name, "web-v2.shop");
+    assert_eq!(api_v2.request_timeout_ms, 3000);
+    let retry = api_v2.retry.as_ref().expect("retry policy");
+    assert_eq!(retry.max_attempts, 3);
+    assert_eq!(retry.codes, vec![502, 503, 504]);
+    let budget = retry.budget.as_ref().expect("retry budget");
+    assert_eq!(
+        (
+            budget.ratio,
+            budget.min_retries_per_second,
+            budget.window_secs
+        ),
+        (0.2, 10, 10)
+    );
+    assert_eq!(routed.routes[1].backends[0].name, "web-v1.shop");
+    assert_eq!(routed.routes[1].retry, None);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,17 +14,38 @@ use weft_api::destination::destination_client::DestinationClient;
 use weft_api::destination::{OutboundPolicy, WatchRequest};
 use weft_certs::SpiffeId;
 
+use crate::http::route::Routes;
 use crate::identity::Backoff;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Name};
 
 /// What the proxy does with connections to one original destination.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Target {
     /// False when the control plane knows nothing of the address: connect to it as the app asked.
     pub known: bool,
     pub opaque: bool,
     pub service: Option<String>,
     pub endpoints: Vec<Endpoint>,
+    /// The Service name as a metrics label ("" when the target is not a Service).
+    pub service_label: Name,
+    /// HTTP routing, built once per update (regexes compiled, balancers carried over).
+    pub routes: Routes,
+}
+
+/// The latest answer for one destination; cheap to clone, read once per request.
+#[derive(Clone)]
+pub struct TargetWatch {
+    rx: TargetRx,
+}
+
+impl TargetWatch {
+    /// Resolution has always completed before a `TargetWatch` is handed out.
+    pub fn current(&self) -> Arc<Target> {
+        match self.rx.borrow().as_ref() {
+            Some(t) => t.clone(),
+            None => Arc::new(Target::unknown()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -76,7 +97,7 @@ impl Discovery {
     pub async fn resolve(
         self: &Arc<Self>,
         addr: SocketAddr,
-    ) -> Result<Arc<Target>, DiscoveryError> {
+    ) -> Result<TargetWatch, DiscoveryError> {
         let mut rx = {
             let mut targets = self
                 .targets
@@ -87,18 +108,19 @@ impl Discovery {
                 .or_insert_with(|| self.start_watch(addr))
                 .clone()
         };
-        if let Some(target) = rx.borrow().as_ref() {
-            return Ok(target.clone());
+        if rx.borrow().is_some() {
+            return Ok(TargetWatch { rx });
         }
-        let answered = match tokio::time::timeout(self.timeout, rx.wait_for(|t| t.is_some())).await
-        {
-            Ok(Ok(target)) => target.as_ref().cloned(),
-            _ => None,
-        };
-        answered.ok_or_else(|| {
+        let answered = matches!(
+            tokio::time::timeout(self.timeout, rx.wait_for(|t| t.is_some())).await,
+            Ok(Ok(_))
+        );
+        if answered {
+            Ok(TargetWatch { rx })
+        } else {
             self.metrics.discovery_failures.inc();
-            DiscoveryError::Timeout(addr, self.timeout)
-        })
+            Err(DiscoveryError::Timeout(addr, self.timeout))
+        }
     }
 
     fn start_watch(self: &Arc<Self>, addr: SocketAddr) -> TargetRx {
@@ -124,15 +146,11 @@ impl Discovery {
                             Ok(Some(policy)) => {
                                 backoff.reset();
                                 self.metrics.control_plane_connected.set(1);
-                                let target = Target::from_policy(policy);
-                                tx.send_if_modified(|cur| {
-                                    if cur.as_deref() == Some(&target) {
-                                        return false;
-                                    }
-                                    tracing::debug!(%addr, ?target, "destination updated");
-                                    *cur = Some(Arc::new(target));
-                                    true
-                                });
+                                // The stream only sends on change; balancer state carries over.
+                                let previous = tx.borrow().clone();
+                                let target = Target::from_policy(policy, previous.as_deref());
+                                tracing::debug!(%addr, ?target, "destination updated");
+                                tx.send_replace(Some(Arc::new(target)));
                             }
                             Ok(None) => {
                                 tracing::debug!(%addr, "destination stream ended");
@@ -156,12 +174,39 @@ impl Discovery {
 }
 
 impl Target {
-    /// Validates the control plane's answer; endpoints that do not parse are dropped with a log line.
-    pub fn from_policy(policy: OutboundPolicy) -> Target {
+    fn unknown() -> Target {
+        Target {
+            known: false,
+            opaque: false,
+            service: None,
+            endpoints: Vec::new(),
+            service_label: Name::new(""),
+            routes: Routes::from_policy(&OutboundPolicy::default(), Vec::new(), None),
+        }
+    }
+
+    /// Validates the control plane's answer; endpoints that do not parse are dropped with a
+    /// log line. `previous` lends its balancer state to endpoints that remain.
+    pub fn from_policy(policy: OutboundPolicy, previous: Option<&Target>) -> Target {
         use weft_api::destination::ProtocolHint;
-        let endpoints = policy
-            .endpoints
-            .into_iter()
+        let endpoints = parse_endpoints(&policy.endpoints);
+        let service = (!policy.service.is_empty()).then(|| policy.service.clone());
+        let routes = Routes::from_policy(&policy, endpoints.clone(), previous.map(|p| &p.routes));
+        Target {
+            known: policy.known,
+            opaque: policy.protocol == ProtocolHint::Opaque as i32,
+            service_label: Name::new(service.as_deref().unwrap_or("")),
+            service,
+            endpoints,
+            routes,
+        }
+    }
+}
+
+/// Parses endpoints from the control plane; invalid ones are dropped with a log line.
+pub fn parse_endpoints(endpoints: &[weft_api::destination::Endpoint]) -> Vec<Endpoint> {
+    endpoints
+            .iter()
             .filter_map(|ep| {
                 let addr: SocketAddr = match ep.address.parse() {
                     Ok(a) => a,
@@ -184,14 +229,7 @@ impl Target {
                     }
                 }
             })
-            .collect();
-        Target {
-            known: policy.known,
-            opaque: policy.protocol == ProtocolHint::Opaque as i32,
-            service: (!policy.service.is_empty()).then_some(policy.service),
-            endpoints,
-        }
-    }
+            .collect()
 }
 
 #[cfg(test)]
@@ -205,6 +243,7 @@ mod tests {
             known: true,
             protocol: 1,
             service: "web.shop".into(),
+            routes: vec![],
             endpoints: vec![
                 ProtoEndpoint {
                     address: "198.18.0.2:80".into(),
@@ -228,7 +267,7 @@ mod tests {
                 },
             ],
         };
-        let t = Target::from_policy(policy);
+        let t = Target::from_policy(policy, None);
         assert!(t.known && t.opaque);
         assert_eq!(t.service.as_deref(), Some("web.shop"));
         assert_eq!(t.endpoints.len(), 2);

@@ -12,6 +12,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::drain::Drain;
 use crate::forward::{forward, Prefixed};
+use crate::http::client::Clients;
+use crate::http::inbound::InboundHttp;
+use crate::http::ALPN_H2;
 use crate::metrics::{Direction, Metrics, TcpLabels, TlsState};
 use crate::original_dst::original_dst;
 use crate::ALPN_OPAQUE;
@@ -49,6 +52,8 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Pooled connections to the local app for HTTP arriving over the mesh.
+    pub app_clients: Arc<Clients>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -111,6 +116,9 @@ impl Inbound {
                 let peer = weft_certs::peer_identity(tls.get_ref().1)
                     .map(|id| id.to_string())
                     .unwrap_or_default();
+                if tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+                    return self.serve_mesh_http(tls, app_addr, &peer).await;
+                }
                 let app = self.connect_app(app_addr).await?;
                 let m = self.metrics.tcp_connection(TcpLabels {
                     direction: Direction::Inbound,
@@ -164,6 +172,29 @@ impl Inbound {
         }
     }
 
+    /// Multiplexed HTTP/2 from a client proxy: each request goes to the app on its own.
+    async fn serve_mesh_http(
+        &self,
+        tls: tokio_rustls::server::TlsStream<Prefixed<TcpStream>>,
+        app: SocketAddr,
+        peer: &str,
+    ) -> Result<(), InboundError> {
+        let service = Arc::new(InboundHttp::new(
+            app,
+            self.app_clients.clone(),
+            self.metrics.clone(),
+        ));
+        let svc = hyper::service::service_fn(move |req| service.clone().serve(req));
+        let served = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+            .await;
+        if let Err(e) = served {
+            tracing::debug!(%peer, error = %e, "mesh HTTP/2 connection ended");
+        }
+        Ok(())
+    }
+
     async fn connect_app(&self, addr: SocketAddr) -> Result<TcpStream, InboundError> {
         match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => {
@@ -197,7 +228,7 @@ fn classify(buf: &[u8], our_server_name: &str) -> Option<Detected> {
             let ours = hello.server_name() == Some(our_server_name);
             let weft_alpn = hello
                 .alpn()
-                .is_some_and(|mut protos| protos.any(|p| p == ALPN_OPAQUE));
+                .is_some_and(|mut protos| protos.any(|p| p == ALPN_OPAQUE || p == ALPN_H2));
             Some(if ours && weft_alpn {
                 Detected::Mesh
             } else {

@@ -5,9 +5,11 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod detect;
 pub mod discovery;
 pub mod drain;
 pub mod forward;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod init;

@@ -55,7 +55,66 @@ pub struct TcpLabels {
     pub tls: TlsState,
 }
 
+/// A label value shared by many series without copying: route and service names are
+/// built once per discovery update, and each request only clones the `Arc`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Name(pub Arc<str>);
+
+impl Name {
+    pub fn new(s: &str) -> Self {
+        Name(Arc::from(s))
+    }
+}
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, enc: &mut LabelValueEncoder) -> fmt::Result {
+        enc.write_str(&self.0)
+    }
+}
+
+/// The gRPC status of a response ("" for plain HTTP).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct GrpcStatus(pub Option<u16>);
+
+impl EncodeLabelValue for GrpcStatus {
+    fn encode(&self, enc: &mut LabelValueEncoder) -> fmt::Result {
+        match self.0 {
+            Some(code) => code.encode(enc),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Who a request went to, as far as metrics may say (bounded: names, never paths or IPs).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub direction: Direction,
+    /// HTTPRoute name, or "default".
+    pub route: Name,
+    /// The Service the app addressed ("name.namespace"), "" when not a Service.
+    pub dst_service: Name,
+    /// The backend Service chosen by the traffic split ("name.namespace").
+    pub dst_backend: Name,
+    pub tls: TlsState,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    pub status_code: u16,
+    pub grpc_status: GrpcStatus,
+    // The derive moves the encoder into a flattened set, so it must come last.
+    #[prometheus(flatten)]
+    pub route: RouteLabels,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub route: Name,
+    pub dst_service: Name,
+}
+
 type HistogramFamily = Family<TcpLabels, Histogram, fn() -> Histogram>;
+type LatencyFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
     registry: Registry,
@@ -64,10 +123,21 @@ pub struct Metrics {
     tcp_read_bytes: Family<TcpLabels, Counter>,
     tcp_write_bytes: Family<TcpLabels, Counter>,
     tcp_duration: HistogramFamily,
+    http_requests: Family<RouteLabels, Counter>,
+    http_responses: Family<ResponseLabels, Counter>,
+    http_latency: LatencyFamily,
+    pub http_retries: Family<RetryLabels, Counter>,
+    pub http_timeouts: Family<RetryLabels, Counter>,
+    pub http_detect_timeouts: Counter,
     pub cert_expiry: Gauge,
     pub control_plane_connected: Gauge,
     pub discovery_failures: Counter,
     pub inbound_detect_timeouts: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~16 s, doubling: fine enough near the p50/p99 of a service call.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
 fn duration_histogram() -> Histogram {
@@ -83,6 +153,42 @@ impl Metrics {
         let tcp_read_bytes = Family::<TcpLabels, Counter>::default();
         let tcp_write_bytes = Family::<TcpLabels, Counter>::default();
         let tcp_duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        let http_requests = Family::<RouteLabels, Counter>::default();
+        let http_responses = Family::<ResponseLabels, Counter>::default();
+        let http_latency: LatencyFamily = Family::new_with_constructor(latency_histogram);
+        let http_retries = Family::<RetryLabels, Counter>::default();
+        let http_timeouts = Family::<RetryLabels, Counter>::default();
+        let http_detect_timeouts = Counter::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests received (outbound: from the app)",
+            http_requests.clone(),
+        );
+        registry.register(
+            "http_responses",
+            "HTTP responses by status code and gRPC status, counted when the response ends",
+            http_responses.clone(),
+        );
+        registry.register(
+            "http_response_latency_seconds",
+            "Time from request to response headers",
+            http_latency.clone(),
+        );
+        registry.register(
+            "http_retries",
+            "Retries sent (each one also passed the retry budget)",
+            http_retries.clone(),
+        );
+        registry.register(
+            "http_timeouts",
+            "Requests answered 504 by a route timeout",
+            http_timeouts.clone(),
+        );
+        registry.register(
+            "outbound_detect_timeouts",
+            "Outbound connections that sent nothing before the detection timeout (treated as opaque)",
+            http_detect_timeouts.clone(),
+        );
         let cert_expiry = Gauge::default();
         let control_plane_connected = Gauge::default();
         let discovery_failures = Counter::default();
@@ -139,6 +245,12 @@ impl Metrics {
             tcp_read_bytes,
             tcp_write_bytes,
             tcp_duration,
+            http_requests,
+            http_responses,
+            http_latency,
+            http_retries,
+            http_timeouts,
+            http_detect_timeouts,
             cert_expiry,
             control_plane_connected,
             discovery_failures,
@@ -166,6 +278,52 @@ impl Metrics {
             duration: self.tcp_duration.get_or_create(&labels).clone(),
             opened_at: Instant::now(),
         }
+    }
+}
+
+impl Metrics {
+    /// Counts a request and returns what its response is recorded with.
+    pub fn http_request(self: &Arc<Self>, labels: RouteLabels) -> HttpRequestMetrics {
+        self.http_requests.get_or_create(&labels).inc();
+        HttpRequestMetrics {
+            metrics: self.clone(),
+            labels,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// One request in flight: records latency at response headers and the response (with its
+/// gRPC status, known only at the end of the body) once.
+pub struct HttpRequestMetrics {
+    metrics: Arc<Metrics>,
+    labels: RouteLabels,
+    started: Instant,
+}
+
+impl HttpRequestMetrics {
+    pub fn labels(&self) -> &RouteLabels {
+        &self.labels
+    }
+
+    pub fn set_backend(&mut self, backend: Name) {
+        self.labels.dst_backend = backend;
+    }
+
+    pub fn response_headers(&self) {
+        self.metrics
+            .http_latency
+            .get_or_create(&self.labels)
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+
+    pub fn response_end(&self, status_code: u16, grpc_status: GrpcStatus) {
+        let labels = ResponseLabels {
+            route: self.labels.clone(),
+            status_code,
+            grpc_status,
+        };
+        self.metrics.http_responses.get_or_create(&labels).inc();
     }
 }
 

@@ -10,9 +10,11 @@ use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
+use crate::detect::{detect, Protocol};
 use crate::discovery::{Discovery, Endpoint, Target};
 use crate::drain::Drain;
-use crate::forward::forward;
+use crate::forward::{forward, Prefixed};
+use crate::http::outbound::{HttpContext, OutboundHttp};
 use crate::metrics::{Direction, Metrics, TcpLabels, TlsState};
 use crate::original_dst::original_dst;
 
@@ -39,6 +41,10 @@ pub enum OutboundError {
         identity: String,
         source: std::io::Error,
     },
+    #[error("reading the first bytes: {0}")]
+    Detect(std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(hyper::Error),
 }
 
 pub struct Outbound {
@@ -46,7 +52,12 @@ pub struct Outbound {
     pub mesh_tls: TlsConnector,
     pub metrics: Arc<Metrics>,
     pub connect_timeout: Duration,
+    pub detect_timeout: Duration,
+    pub http: Arc<HttpContext>,
 }
+
+/// Request heads larger than this are refused with 431.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Tries this many distinct endpoints before giving up on a connection.
 const CONNECT_ATTEMPTS: usize = 3;
@@ -76,14 +87,15 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, tcp: TcpStream) -> Result<(), OutboundError> {
+    async fn handle(&self, mut tcp: TcpStream) -> Result<(), OutboundError> {
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().map_err(OutboundError::OriginalDst)?;
         let dst = original_dst(&tcp, local).map_err(OutboundError::OriginalDst)?;
         if dst == local {
             return Err(OutboundError::NotRedirected);
         }
-        let target = self.discovery.resolve(dst).await?;
+        let watch = self.discovery.resolve(dst).await?;
+        let target = watch.current();
         if !target.known {
             // Not in the mesh's view: pass through as the app asked (egress).
             let server = self.connect_tcp(dst).await?;
@@ -95,12 +107,52 @@ impl Outbound {
             let _ = forward(tcp, server, &m).await;
             return Ok(());
         }
-        self.connect_endpoint(tcp, dst, &target).await
+        if target.opaque {
+            return self
+                .connect_endpoint(Prefixed::new(Vec::new(), tcp), dst, &target)
+                .await;
+        }
+        let (prefix, protocol) = detect(&mut tcp, self.detect_timeout)
+            .await
+            .map_err(OutboundError::Detect)?;
+        let io = Prefixed::new(prefix, tcp);
+        match protocol {
+            Protocol::Opaque => self.connect_endpoint(io, dst, &target).await,
+            Protocol::Silent => {
+                self.metrics.http_detect_timeouts.inc();
+                tracing::debug!(%dst, "app sent nothing before the detection timeout; treating as opaque");
+                self.connect_endpoint(io, dst, &target).await
+            }
+            Protocol::Http1 | Protocol::Http2 => {
+                let service = Arc::new(OutboundHttp {
+                    target: watch,
+                    ctx: self.http.clone(),
+                });
+                let svc = hyper::service::service_fn(move |req| service.clone().serve(req));
+                let io = hyper_util::rt::TokioIo::new(io);
+                let served = if protocol == Protocol::Http1 {
+                    hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(30))
+                        // Larger headers get 431 here rather than failing on the mesh hop.
+                        .max_buf_size(MAX_HEADER_BYTES)
+                        .serve_connection(io, svc)
+                        .with_upgrades()
+                        .await
+                } else {
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .serve_connection(io, svc)
+                        .await
+                };
+                served.map_err(OutboundError::Http)
+            }
+        }
     }
 
     async fn connect_endpoint(
         &self,
-        tcp: TcpStream,
+        tcp: Prefixed<TcpStream>,
         dst: SocketAddr,
         target: &Target,
     ) -> Result<(), OutboundError> {

@@ -14,13 +14,17 @@ use crate::admin::Admin;
 use crate::config::Settings;
 use crate::discovery::Discovery;
 use crate::drain::Drain;
+use crate::http::client::Clients;
+use crate::http::outbound::HttpContext;
+use crate::http::ALPN_H2;
 use crate::identity::Identity;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 use crate::{control, ALPN_OPAQUE};
 
-const ALPN_H2: &[u8] = b"h2";
+/// The control plane speaks plain gRPC over TLS.
+const ALPN_GRPC: &[u8] = b"h2";
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let anchors_pem = std::fs::read(&settings.trust_anchors)
@@ -49,12 +53,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let identity_channel = control::channel(
         &settings.control_addr,
         control_name.clone(),
-        client_config(&anchors, None, &[ALPN_H2])?,
+        client_config(&anchors, None, &[ALPN_GRPC])?,
     )?;
     let discovery_channel = control::channel(
         &settings.control_addr,
         control_name,
-        client_config(&anchors, Some(store.clone()), &[ALPN_H2])?,
+        client_config(&anchors, Some(store.clone()), &[ALPN_GRPC])?,
     )?;
     tracing::info!(identity = %settings.identity, pod = %settings.pod_name, control = %settings.control_addr, "starting");
     tokio::spawn(
@@ -88,27 +92,39 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         settings.discovery_timeout,
         metrics.clone(),
     );
-    let outbound = Arc::new(Outbound {
-        discovery,
-        mesh_tls: TlsConnector::from(client_config(
-            &anchors,
-            Some(store.clone()),
-            &[ALPN_OPAQUE],
-        )?),
+    let opaque_tls = TlsConnector::from(client_config(
+        &anchors,
+        Some(store.clone()),
+        &[ALPN_OPAQUE],
+    )?);
+    let h2_tls = TlsConnector::from(client_config(&anchors, Some(store.clone()), &[ALPN_H2])?);
+    let http = Arc::new(HttpContext {
+        clients: Clients::new(h2_tls.clone(), settings.connect_timeout),
         metrics: metrics.clone(),
+        opaque_tls: opaque_tls.clone(),
         connect_timeout: settings.connect_timeout,
     });
+    let outbound = Arc::new(Outbound {
+        discovery,
+        mesh_tls: opaque_tls,
+        metrics: metrics.clone(),
+        connect_timeout: settings.connect_timeout,
+        detect_timeout: settings.inbound_detect_timeout,
+        http,
+    });
     let inbound = Arc::new(Inbound {
+        // The client proxy chooses: one opaque TCP stream, or multiplexed HTTP/2.
         tls: TlsAcceptor::from(server_config(
             &anchors,
             store.clone(),
             ClientAuth::Required,
-            &[ALPN_OPAQUE],
+            &[ALPN_H2, ALPN_OPAQUE],
         )?),
         server_name: settings.identity.tls_server_name(),
         metrics: metrics.clone(),
         detect_timeout: settings.inbound_detect_timeout,
         connect_timeout: settings.connect_timeout,
+        app_clients: Arc::new(Clients::new(h2_tls, settings.connect_timeout)),
     });
     let outbound_listener = TcpListener::bind(settings.outbound_addr)
         .await

@@ -1,19 +1,24 @@
 //! weft's end-to-end test harness: pods as Linux network namespaces on a bridge, real
 //! iptables (`weft-proxy init`), real proxies and control plane, packet captures, and the
-//! `weft-testapp` traffic generator. Tests usually start with [`e2e_test`].
+//! `weft-testapp` and `weft-httpapp` test applications. Tests usually start with [`e2e_test`].
 
 pub mod apps;
 pub mod bins;
 pub mod capture;
 pub mod cluster;
 pub mod error;
+pub mod grpcapp;
+pub mod h1;
 pub mod http;
+pub mod httpapp;
+pub mod load;
 pub mod manifests;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;
 pub mod prereqs;
 pub mod proc;
+pub mod procstat;
 pub mod testapp;
 pub mod wait;
 

@@ -439,9 +439,9 @@ fn write_manifests(dir: &Path, tokens: &BTreeMap<&str, (PathBuf, String)>) -> an
         let mut annotations = String::new();
         if pod.meshed {
             let digest = ring::digest::digest(&ring::digest::SHA256, tokens[pod.name].1.as_bytes());
-            let _ = write!(
+            let _ = writeln!(
                 annotations,
-                "    weft.io/token-sha256: \"{}\"\n",
+                "    weft.io/token-sha256: \"{}\"",
                 hex::encode(digest.as_ref())
             );
         } else {

@@ -2,7 +2,7 @@
 //! changes, each change published to the index as a whole new state.
 
 use std::collections::btree_map::Entry;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -148,9 +148,10 @@ impl DirSource {
             })?;
 
         let dir = self.dir.clone();
+        let mut logged_conflicts = BTreeSet::new();
         let (mut source, report) = load_in_background(self).await?;
         let report = report?;
-        publish(&dir, &index, report);
+        publish(&dir, &index, report, &mut logged_conflicts);
 
         loop {
             match events.recv().await {
@@ -170,7 +171,7 @@ impl DirSource {
             let (returned, report) = load_in_background(source).await?;
             source = returned;
             match report {
-                Ok(report) => publish(&dir, &index, report),
+                Ok(report) => publish(&dir, &index, report, &mut logged_conflicts),
                 // The directory may be briefly gone (being replaced): keep serving the last state.
                 Err(e) => {
                     tracing::warn!(error = %e, "reloading manifests failed; keeping the last state")
@@ -196,7 +197,9 @@ async fn load_in_background(
     })
 }
 
-fn publish(dir: &Path, index: &Index, report: LoadReport) {
+/// `logged_conflicts` holds the conflicts already logged, so that a conflict is logged once
+/// while it lasts (and again if it comes back), not on every reload.
+fn publish(dir: &Path, index: &Index, report: LoadReport, logged_conflicts: &mut BTreeSet<String>) {
     for problem in &report.problems {
         tracing::warn!(
             file = %problem.file.display(),
@@ -204,13 +207,21 @@ fn publish(dir: &Path, index: &Index, report: LoadReport) {
             "{}", problem.message
         );
     }
-    let (namespaces, pods, services) = (
-        report.state.namespaces.len(),
-        report.state.pods.len(),
-        report.state.services.len(),
+    let conflicts: BTreeSet<String> = report.state.conflicts().into_iter().collect();
+    for conflict in conflicts.difference(logged_conflicts) {
+        tracing::warn!(dir = %dir.display(), "{conflict}");
+    }
+    *logged_conflicts = conflicts;
+    let state = &report.state;
+    let (namespaces, pods, services, traffic_splits, http_routes) = (
+        state.namespaces.len(),
+        state.pods.len(),
+        state.services.len(),
+        state.traffic_splits.len(),
+        state.http_routes.len(),
     );
     if index.publish(report.state) {
-        tracing::info!(dir = %dir.display(), namespaces, pods, services, problems = report.problems.len(), "published cluster state");
+        tracing::info!(dir = %dir.display(), namespaces, pods, services, traffic_splits, http_routes, problems = report.problems.len(), "published cluster state");
     }
 }
 
@@ -297,6 +308,16 @@ fn merge(files: &BTreeMap<PathBuf, Vec<Object>>, problems: &mut Vec<Problem>) ->
                     state
                         .services
                         .insert((svc.namespace.clone(), svc.name.clone()), svc.clone());
+                }
+                Object::TrafficSplit(split) => {
+                    state
+                        .traffic_splits
+                        .insert((split.namespace.clone(), split.name.clone()), split.clone());
+                }
+                Object::HttpRoute(route) => {
+                    state
+                        .http_routes
+                        .insert((route.namespace.clone(), route.name.clone()), route.clone());
                 }
             }
         }

@@ -7,9 +7,14 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
+use crate::model::duration::parse_gateway_duration;
+use crate::model::routes::{
+    BackendRef, ParentRef, PathMatch, RouteMatch, RouteRetry, RouteRule, RouteTimeouts,
+    SplitBackend, StringMatch, ValueMatch, DEFAULT_RETRY_ATTEMPTS, MAX_BACKEND_WEIGHT,
+};
 use crate::model::{
-    ContainerPort, InvalidField, Namespace, Pod, Service, ServicePort, TargetPort,
-    DEFAULT_SERVICE_ACCOUNT,
+    ContainerPort, HttpRoute, InvalidField, Namespace, Pod, Service, ServicePort, TargetPort,
+    TrafficSplit, DEFAULT_SERVICE_ACCOUNT,
 };
 
 /// A model object read from a manifest.
@@ -18,6 +23,8 @@ pub(crate) enum Object {
     Namespace(Namespace),
     Pod(Pod),
     Service(Service),
+    TrafficSplit(TrafficSplit),
+    HttpRoute(HttpRoute),
 }
 
 impl Object {
@@ -27,6 +34,10 @@ impl Object {
             Object::Namespace(ns) => format!("Namespace {}", ns.name),
             Object::Pod(pod) => format!("Pod {}/{}", pod.namespace, pod.name),
             Object::Service(svc) => format!("Service {}/{}", svc.namespace, svc.name),
+            Object::TrafficSplit(split) => {
+                format!("TrafficSplit {}/{}", split.namespace, split.name)
+            }
+            Object::HttpRoute(route) => format!("HTTPRoute {}/{}", route.namespace, route.name),
         }
     }
 }
@@ -118,6 +129,13 @@ fn read_object(document: Value, location: &str, parsed: &mut ParsedFile) {
         ("v1", "Namespace") => decode::<NamespaceManifest>(document).and_then(namespace_from),
         ("v1", "Pod") => decode::<PodManifest>(document).and_then(pod_from),
         ("v1", "Service") => decode::<ServiceManifest>(document).and_then(service_from),
+        ("split.smi-spec.io/v1alpha2", "TrafficSplit") => {
+            decode::<TrafficSplitManifest>(document).and_then(traffic_split_from)
+        }
+        // v1beta1 has the same shape; clusters still serve it next to v1.
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+            decode::<HttpRouteManifest>(document).and_then(http_route_from)
+        }
         // Kinds weft does not read (yet) are not errors: a scenario directory holds them too.
         _ => return,
     };
@@ -354,6 +372,373 @@ fn service_from(manifest: ServiceManifest) -> Result<Object, InvalidField> {
     Ok(Object::Service(service))
 }
 
+#[derive(Debug, Deserialize)]
+struct TrafficSplitManifest {
+    metadata: Option<ObjectMeta>,
+    spec: Option<TrafficSplitSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TrafficSplitSpec {
+    service: Option<String>,
+    backends: Option<Vec<TrafficSplitBackendManifest>>,
+    matches: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TrafficSplitBackendManifest {
+    service: Option<String>,
+    weight: Option<i64>,
+}
+
+fn traffic_split_from(manifest: TrafficSplitManifest) -> Result<Object, InvalidField> {
+    let meta = meta_from(manifest.metadata)?;
+    let spec = manifest
+        .spec
+        .ok_or_else(|| InvalidField::new("spec", "is required"))?;
+    // Applying the split to all traffic would ignore what the author restricted it to.
+    if spec.matches.is_some_and(|matches| !matches.is_empty()) {
+        return Err(InvalidField::new(
+            "spec.matches",
+            "HTTPRouteGroup matches are not supported; use an HTTPRoute",
+        ));
+    }
+    let mut backends = Vec::new();
+    for (i, backend) in spec.backends.unwrap_or_default().into_iter().enumerate() {
+        let field = format!("spec.backends[{i}]");
+        let service = backend
+            .service
+            .ok_or_else(|| InvalidField::new(format!("{field}.service"), "is required"))?;
+        let weight = backend
+            .weight
+            .ok_or_else(|| InvalidField::new(format!("{field}.weight"), "is required"))?;
+        backends.push(SplitBackend {
+            service,
+            weight: weight_from(&format!("{field}.weight"), weight)?,
+        });
+    }
+    let split = TrafficSplit {
+        namespace: meta.namespace,
+        name: meta.name,
+        service: spec
+            .service
+            .ok_or_else(|| InvalidField::new("spec.service", "is required"))?,
+        backends,
+    };
+    split.validate()?;
+    Ok(Object::TrafficSplit(split))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HttpRouteManifest {
+    metadata: Option<ObjectMeta>,
+    spec: Option<HttpRouteSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HttpRouteSpec {
+    parent_refs: Option<Vec<ParentRefManifest>>,
+    rules: Option<Vec<RuleManifest>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ParentRefManifest {
+    group: Option<String>,
+    kind: Option<String>,
+    namespace: Option<String>,
+    name: Option<String>,
+    section_name: Option<String>,
+    port: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RuleManifest {
+    matches: Option<Vec<MatchManifest>>,
+    filters: Option<Vec<Value>>,
+    backend_refs: Option<Vec<BackendRefManifest>>,
+    timeouts: Option<TimeoutsManifest>,
+    retry: Option<RetryManifest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MatchManifest {
+    path: Option<TypedValueManifest>,
+    headers: Option<Vec<TypedValueManifest>>,
+    query_params: Option<Vec<TypedValueManifest>>,
+    method: Option<String>,
+}
+
+/// `{type, value}` path matches and `{type, name, value}` header/query matches.
+#[derive(Debug, Deserialize)]
+struct TypedValueManifest {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    name: Option<String>,
+    value: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BackendRefManifest {
+    group: Option<String>,
+    kind: Option<String>,
+    name: Option<String>,
+    namespace: Option<String>,
+    port: Option<i64>,
+    weight: Option<i64>,
+    filters: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TimeoutsManifest {
+    request: Option<String>,
+    backend_request: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RetryManifest {
+    codes: Option<Vec<i64>>,
+    attempts: Option<i64>,
+    backoff: Option<String>,
+}
+
+/// The core API group, as Gateway API references spell it.
+fn is_core_group(group: Option<&str>) -> bool {
+    matches!(group, Some("") | Some("core"))
+}
+
+fn http_route_from(manifest: HttpRouteManifest) -> Result<Object, InvalidField> {
+    let meta = meta_from(manifest.metadata)?;
+    let spec = manifest
+        .spec
+        .ok_or_else(|| InvalidField::new("spec", "is required"))?;
+    let mut parents = Vec::new();
+    for (i, parent) in spec.parent_refs.unwrap_or_default().into_iter().enumerate() {
+        // Gateway API defaults a parentRef to a Gateway (group gateway.networking.k8s.io):
+        // only an explicit core Service is a mesh parent. Parents in other namespaces
+        // (consumer routes) are not supported and, like Gateway parents, not ours to judge.
+        let is_service = parent.kind.as_deref() == Some("Service")
+            && is_core_group(parent.group.as_deref())
+            && parent
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| ns == meta.namespace);
+        if !is_service {
+            continue;
+        }
+        let field = format!("spec.parentRefs[{i}]");
+        parents.push(ParentRef {
+            name: parent
+                .name
+                .ok_or_else(|| InvalidField::new(format!("{field}.name"), "is required"))?,
+            port: parent
+                .port
+                .map(|port| port_number(&format!("{field}.port"), port))
+                .transpose()?,
+            section_name: parent.section_name,
+        });
+    }
+    let rules = match spec.rules {
+        Some(rules) => rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, rule)| rule_from(&format!("spec.rules[{i}]"), rule, &meta.namespace))
+            .collect::<Result<Vec<_>, _>>()?,
+        // Kubernetes' default: one rule matching everything, with no backend.
+        None => vec![RouteRule {
+            matches: vec![RouteMatch::everything()],
+            backend_refs: Vec::new(),
+            timeouts: RouteTimeouts::default(),
+            retry: None,
+        }],
+    };
+    let route = HttpRoute {
+        namespace: meta.namespace,
+        name: meta.name,
+        annotations: meta.annotations,
+        parents,
+        rules,
+    };
+    route.validate()?;
+    Ok(Object::HttpRoute(route))
+}
+
+fn rule_from(field: &str, rule: RuleManifest, namespace: &str) -> Result<RouteRule, InvalidField> {
+    // A filter weft skipped would change what the author asked for (a redirect, a header):
+    // refusing the route is the honest answer until filters are implemented.
+    if rule.filters.is_some_and(|filters| !filters.is_empty()) {
+        return Err(InvalidField::new(
+            format!("{field}.filters"),
+            "filters are not supported",
+        ));
+    }
+    let matches = match rule.matches {
+        Some(matches) if !matches.is_empty() => matches
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| match_from(&format!("{field}.matches[{i}]"), m))
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => vec![RouteMatch::everything()],
+    };
+    let mut backend_refs = Vec::new();
+    for (i, backend) in rule
+        .backend_refs
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let field = format!("{field}.backendRefs[{i}]");
+        // Gateway API defaults a backendRef to a core Service.
+        let group = backend.group.as_deref().unwrap_or("");
+        let kind = backend.kind.as_deref().unwrap_or("Service");
+        if !is_core_group(Some(group)) || kind != "Service" {
+            return Err(InvalidField::new(
+                format!("{field}.kind"),
+                format!("{group}/{kind} backends are not supported (only core Services)"),
+            ));
+        }
+        if backend.filters.is_some_and(|filters| !filters.is_empty()) {
+            return Err(InvalidField::new(
+                format!("{field}.filters"),
+                "filters are not supported",
+            ));
+        }
+        backend_refs.push(BackendRef {
+            name: backend
+                .name
+                .ok_or_else(|| InvalidField::new(format!("{field}.name"), "is required"))?,
+            namespace: backend
+                .namespace
+                .filter(|ns| !ns.is_empty())
+                .unwrap_or_else(|| namespace.to_owned()),
+            port: backend
+                .port
+                .map(|port| port_number(&format!("{field}.port"), port))
+                .transpose()?,
+            weight: weight_from(&format!("{field}.weight"), backend.weight.unwrap_or(1))?,
+        });
+    }
+    let duration = |name: &str, text: Option<String>| {
+        text.map(|text| {
+            parse_gateway_duration(&text).map_err(|e| InvalidField::new(name, e.to_string()))
+        })
+        .transpose()
+    };
+    let timeouts = match rule.timeouts {
+        Some(timeouts) => RouteTimeouts {
+            request: duration(&format!("{field}.timeouts.request"), timeouts.request)?,
+            backend_request: duration(
+                &format!("{field}.timeouts.backendRequest"),
+                timeouts.backend_request,
+            )?,
+        },
+        None => RouteTimeouts::default(),
+    };
+    let retry = match rule.retry {
+        Some(retry) => {
+            let attempts = match retry.attempts {
+                None => DEFAULT_RETRY_ATTEMPTS,
+                Some(attempts) => u32::try_from(attempts).map_err(|_| {
+                    InvalidField::new(
+                        format!("{field}.retry.attempts"),
+                        format!("{attempts} is not a number of retries"),
+                    )
+                })?,
+            };
+            let mut codes = Vec::new();
+            for code in retry.codes.unwrap_or_default() {
+                codes.push(u16::try_from(code).map_err(|_| {
+                    InvalidField::new(
+                        format!("{field}.retry.codes"),
+                        format!("{code} is not a status code in 400-599"),
+                    )
+                })?);
+            }
+            Some(RouteRetry {
+                codes,
+                attempts,
+                backoff: duration(&format!("{field}.retry.backoff"), retry.backoff)?,
+            })
+        }
+        None => None,
+    };
+    Ok(RouteRule {
+        matches,
+        backend_refs,
+        timeouts,
+        retry,
+    })
+}
+
+fn match_from(field: &str, manifest: MatchManifest) -> Result<RouteMatch, InvalidField> {
+    let path = match manifest.path {
+        None => PathMatch::Prefix("/".to_owned()),
+        Some(path) => {
+            let value = path.value.unwrap_or_else(|| "/".to_owned());
+            match path.kind.as_deref().unwrap_or("PathPrefix") {
+                "Exact" => PathMatch::Exact(value),
+                "PathPrefix" => PathMatch::Prefix(value),
+                "RegularExpression" => PathMatch::Regex(value),
+                other => {
+                    return Err(InvalidField::new(
+                        format!("{field}.path.type"),
+                        format!("{other:?} is not Exact, PathPrefix or RegularExpression"),
+                    ))
+                }
+            }
+        }
+    };
+    let value_matches = |list: &str, items: Option<Vec<TypedValueManifest>>| {
+        items
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| value_match_from(&format!("{field}.{list}[{i}]"), item))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(RouteMatch {
+        path,
+        headers: value_matches("headers", manifest.headers)?,
+        query_params: value_matches("queryParams", manifest.query_params)?,
+        method: manifest.method,
+    })
+}
+
+fn value_match_from(field: &str, manifest: TypedValueManifest) -> Result<ValueMatch, InvalidField> {
+    let name = manifest
+        .name
+        .ok_or_else(|| InvalidField::new(format!("{field}.name"), "is required"))?;
+    let value = manifest
+        .value
+        .ok_or_else(|| InvalidField::new(format!("{field}.value"), "is required"))?;
+    let value = match manifest.kind.as_deref().unwrap_or("Exact") {
+        "Exact" => StringMatch::Exact(value),
+        "RegularExpression" => StringMatch::Regex(value),
+        other => {
+            return Err(InvalidField::new(
+                format!("{field}.type"),
+                format!("{other:?} is not Exact or RegularExpression"),
+            ))
+        }
+    };
+    Ok(ValueMatch { name, value })
+}
+
+fn weight_from(field: &str, weight: i64) -> Result<u32, InvalidField> {
+    u32::try_from(weight).map_err(|_| {
+        InvalidField::new(
+            field,
+            format!("{weight} is not a weight in 0-{MAX_BACKEND_WEIGHT}"),
+        )
+    })
+}
+
 fn port_number(field: &str, number: i64) -> Result<u16, InvalidField> {
     u16::try_from(number)
         .ok()
@@ -538,13 +923,233 @@ apiVersion: v1
 kind: List
 items:
 - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
-- {apiVersion: split.smi-spec.io/v1alpha2, kind: TrafficSplit, metadata: {name: t}}
+- {apiVersion: apps/v1, kind: Deployment, metadata: {name: d}}
+- {apiVersion: split.smi-spec.io/v1alpha1, kind: TrafficSplit, metadata: {name: old}}
 - {apiVersion: v1, kind: Pod, metadata: {name: p, namespace: shop}}
 ";
         let parsed = parse_documents(text).unwrap();
         assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
         let names: Vec<_> = parsed.objects.iter().map(Object::describe).collect();
         assert_eq!(names, vec!["Namespace shop", "Pod shop/p"]);
+    }
+
+    #[test]
+    fn http_route_fields_and_kubernetes_defaults() {
+        let text = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web-routes
+  namespace: shop
+  annotations: {retry.weft.io/budget-percent: "10"}
+spec:
+  hostnames: [ignored.example]
+  parentRefs:
+  - {name: edge}                                          # a Gateway: not ours
+  - {kind: Service, name: no-group}                        # group defaults to gateway.networking.k8s.io
+  - {kind: Service, group: "", name: other-ns, namespace: other}
+  - {kind: Service, group: "", name: web, port: 80}
+  - {kind: Service, group: core, name: web-admin, sectionName: admin}
+  rules:
+  - matches:
+    - path: {type: Exact, value: /login}
+      method: POST
+    - headers: [{name: x-canary, value: "yes"}, {type: RegularExpression, name: x-v, value: "v[0-9]"}]
+      queryParams: [{name: debug, value: "1"}]
+    - path: {type: RegularExpression, value: "/v[0-9]+/.*"}
+    backendRefs:
+    - {name: web-v2, port: 8080, weight: 3}
+    - {name: web-v1, namespace: legacy}
+    timeouts: {request: 2s, backendRequest: 500ms}
+    retry: {codes: [503], attempts: 2, backoff: 100ms}
+  - backendRefs: [{group: "", kind: Service, name: web-v1, weight: 0}]
+    retry: {}
+"#;
+        let Ok(Object::HttpRoute(route)) = single(text) else {
+            panic!("expected an HTTPRoute: {:?}", single(text));
+        };
+        assert_eq!(
+            route.parents,
+            vec![
+                ParentRef {
+                    name: "web".into(),
+                    port: Some(80),
+                    section_name: None
+                },
+                ParentRef {
+                    name: "web-admin".into(),
+                    port: None,
+                    section_name: Some("admin".into())
+                },
+            ]
+        );
+        assert_eq!(route.rules.len(), 2);
+        let first = &route.rules[0];
+        assert_eq!(first.matches.len(), 3);
+        assert_eq!(first.matches[0].path, PathMatch::Exact("/login".into()));
+        assert_eq!(first.matches[0].method.as_deref(), Some("POST"));
+        assert_eq!(first.matches[1].path, PathMatch::Prefix("/".into()));
+        assert_eq!(
+            first.matches[1].headers,
+            vec![
+                ValueMatch {
+                    name: "x-canary".into(),
+                    value: StringMatch::Exact("yes".into())
+                },
+                ValueMatch {
+                    name: "x-v".into(),
+                    value: StringMatch::Regex("v[0-9]".into())
+                },
+            ]
+        );
+        assert_eq!(first.matches[1].query_params.len(), 1);
+        assert_eq!(
+            first.matches[2].path,
+            PathMatch::Regex("/v[0-9]+/.*".into())
+        );
+        assert_eq!(
+            first.backend_refs,
+            vec![
+                BackendRef {
+                    name: "web-v2".into(),
+                    namespace: "shop".into(),
+                    port: Some(8080),
+                    weight: 3
+                },
+                BackendRef {
+                    name: "web-v1".into(),
+                    namespace: "legacy".into(),
+                    port: None,
+                    weight: 1
+                },
+            ]
+        );
+        assert_eq!(
+            first.timeouts,
+            RouteTimeouts {
+                request: Some(std::time::Duration::from_secs(2)),
+                backend_request: Some(std::time::Duration::from_millis(500)),
+            }
+        );
+        assert_eq!(
+            first.retry,
+            Some(RouteRetry {
+                codes: vec![503],
+                attempts: 2,
+                backoff: Some(std::time::Duration::from_millis(100)),
+            })
+        );
+        let second = &route.rules[1];
+        assert_eq!(second.matches, vec![RouteMatch::everything()]);
+        assert_eq!(second.backend_refs[0].weight, 0);
+        assert_eq!(
+            second.retry,
+            Some(RouteRetry {
+                codes: vec![],
+                attempts: DEFAULT_RETRY_ATTEMPTS,
+                backoff: None,
+            })
+        );
+        assert_eq!(route.retry_budget().map(|b| b.ratio), Ok(0.1));
+    }
+
+    #[test]
+    fn http_route_without_rules_gets_the_default_rule() {
+        let text = "{apiVersion: gateway.networking.k8s.io/v1beta1, kind: HTTPRoute, metadata: {name: r}, spec: {parentRefs: [{kind: Service, group: '', name: web}]}}";
+        let Ok(Object::HttpRoute(route)) = single(text) else {
+            panic!("expected an HTTPRoute: {:?}", single(text));
+        };
+        assert_eq!(route.namespace, "default");
+        assert_eq!(route.rules.len(), 1);
+        assert_eq!(route.rules[0].matches, vec![RouteMatch::everything()]);
+        assert!(route.rules[0].backend_refs.is_empty());
+    }
+
+    #[test]
+    fn traffic_split_fields() {
+        let text = "
+apiVersion: split.smi-spec.io/v1alpha2
+kind: TrafficSplit
+metadata: {name: web-split, namespace: shop}
+spec:
+  service: web
+  backends: [{service: web-v1, weight: 90}, {service: web-v2, weight: 10}]
+";
+        let Ok(Object::TrafficSplit(split)) = single(text) else {
+            panic!("expected a TrafficSplit: {:?}", single(text));
+        };
+        assert_eq!(split.service, "web");
+        assert_eq!(
+            split.backends,
+            vec![
+                SplitBackend {
+                    service: "web-v1".into(),
+                    weight: 90
+                },
+                SplitBackend {
+                    service: "web-v2".into(),
+                    weight: 10
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_routes_and_splits_are_refused_whole() {
+        let route = |spec: &str| {
+            format!("{{apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: {{name: r, namespace: shop}}, spec: {spec}}}")
+        };
+        let split = |spec: &str| {
+            format!("{{apiVersion: split.smi-spec.io/v1alpha2, kind: TrafficSplit, metadata: {{name: s, namespace: shop}}, spec: {spec}}}")
+        };
+        let cases = [
+            (route("{rules: [{filters: [{type: RequestRedirect}]}]}"), "filters"),
+            (route("{rules: [{backendRefs: [{name: b, filters: [{type: RequestHeaderModifier}]}]}]}"), "filters"),
+            (route("{rules: [{backendRefs: [{kind: ServiceImport, group: multicluster.x-k8s.io, name: b}]}]}"), "backendRefs[0].kind"),
+            (route("{rules: [{backendRefs: [{name: b, weight: -1}]}]}"), "weight"),
+            (route("{rules: [{backendRefs: [{name: b, port: 70000}]}]}"), "port"),
+            (route("{rules: [{backendRefs: [{port: 80}]}]}"), "backendRefs[0].name"),
+            (route("{rules: [{timeouts: {request: 1.5s}}]}"), "timeouts.request"),
+            (route("{rules: [{timeouts: {request: 1s, backendRequest: 2s}}]}"), "backendRequest"),
+            (route("{rules: [{retry: {attempts: 11}}]}"), "retry.attempts"),
+            (route("{rules: [{retry: {attempts: -1}}]}"), "retry.attempts"),
+            (route("{rules: [{retry: {codes: [70000]}}]}"), "retry.codes"),
+            (route("{rules: [{retry: {codes: [200]}}]}"), "retry.codes"),
+            (route("{rules: [{retry: {backoff: 1d}}]}"), "retry.backoff"),
+            (route("{rules: [{matches: [{path: {type: Glob, value: /x}}]}]}"), "path.type"),
+            (route("{rules: [{matches: [{path: {type: RegularExpression, value: '('}}]}]}"), "regular expression"),
+            (route("{rules: [{matches: [{path: {value: no-slash}}]}]}"), "path.value"),
+            (route("{rules: [{matches: [{headers: [{name: x, type: Prefix, value: a}]}]}]}"), "headers[0].type"),
+            (route("{rules: [{matches: [{headers: [{name: x}]}]}]}"), "headers[0].value"),
+            (route("{rules: [{matches: [{method: FETCH}]}]}"), "method"),
+            (route("{parentRefs: [{kind: Service, group: '', name: web, port: 0}]}"), "parentRefs[0].port"),
+            (route("{rules: [{matches: [{path: /x}]}]}"), "manifest"),
+            ("{apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: {name: r, annotations: {retry.weft.io/non-idempotent: 'yes'}}, spec: {}}".to_owned(), "non-idempotent"),
+            ("{apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, metadata: {name: r}}".to_owned(), "spec"),
+            (split("{backends: [{service: a, weight: 1}]}"), "spec.service"),
+            (split("{service: web, backends: [{service: a}]}"), "weight"),
+            (split("{service: web, backends: [{service: a, weight: -5}]}"), "weight"),
+            (split("{service: web, backends: []}"), "spec.backends"),
+            (split("{service: web, backends: [{service: a, weight: 1}], matches: [{kind: HTTPRouteGroup, name: g}]}"), "spec.matches"),
+        ];
+        for (text, needle) in cases {
+            let parsed = parse_documents(&text).unwrap();
+            assert!(parsed.objects.is_empty(), "{text} was accepted");
+            let problem = &parsed.problems[0];
+            assert!(
+                problem.message.contains(needle),
+                "{text}: {}",
+                problem.message
+            );
+            assert!(
+                problem
+                    .object
+                    .as_deref()
+                    .is_some_and(|o| o.starts_with("HTTPRoute ") || o.starts_with("TrafficSplit ")),
+                "{text}: {:?}",
+                problem.object
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,473 @@
+//! Outbound HTTP: each request the app sends → route (HTTPRoute matches) → backend
+//! (traffic split) → endpoint (p2c over peak-EWMA) → the mesh HTTP/2 hop or plain HTTP,
+//! within the route's timeouts and retries.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::balance::Outcome;
+use super::body::{self, boxed, error_response, Body, Observed};
+use super::client::{Clients, SendError};
+use super::headers;
+use super::route::{Backend, Route, RouteAction};
+use crate::discovery::{Endpoint, Target, TargetWatch};
+use crate::metrics::{Direction, HttpRequestMetrics, Metrics, RetryLabels, RouteLabels, TlsState};
+
+/// Bodies up to this size are buffered so a request can be retried (DESIGN.md).
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// What every outbound HTTP connection shares.
+pub struct HttpContext {
+    pub clients: Clients,
+    pub metrics: Arc<Metrics>,
+    /// For HTTP/1 upgrades (WebSocket), which travel as opaque TCP over mesh mTLS.
+    pub opaque_tls: TlsConnector,
+    pub connect_timeout: Duration,
+}
+
+/// Serves one app connection's requests to one original destination.
+pub struct OutboundHttp {
+    pub target: TargetWatch,
+    pub ctx: Arc<HttpContext>,
+}
+
+/// The parts of a request needed to send it again.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn to_request(&self, body: Body) -> Request<Body> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+enum Failure {
+    Status(StatusCode, &'static str),
+    Timeout,
+}
+
+impl OutboundHttp {
+    pub async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        Ok(self.handle(req).await)
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let target = self.target.current();
+        let route = match target.routes.select(req.method(), req.uri(), req.headers()) {
+            RouteAction::Forward(route) => route,
+            RouteAction::NotFound => {
+                return error_response(StatusCode::NOT_FOUND, "no route matches this request")
+            }
+        };
+        let Some(backend) = route.pick_backend(rand::random()) else {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "route has no backend with weight",
+            );
+        };
+        let labels = RouteLabels {
+            direction: Direction::Outbound,
+            route: route.name.clone(),
+            dst_service: target.service_label.clone(),
+            dst_backend: backend.name.clone(),
+            tls: if backend.meshed() {
+                TlsState::Mutual
+            } else {
+                TlsState::Plaintext
+            },
+        };
+        let metrics = self.ctx.metrics.http_request(labels);
+        if is_upgrade(&req) {
+            return self.upgrade(req, backend, metrics).await;
+        }
+        let app_http1 = req.version() < Version::HTTP_2;
+        let result = match route.request_timeout {
+            Some(limit) => {
+                match tokio::time::timeout(limit, self.attempts(&target, route, backend, req)).await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(Failure::Timeout),
+                }
+            }
+            None => self.attempts(&target, route, backend, req).await,
+        };
+        let rsp = match result {
+            Ok(rsp) => rsp,
+            Err(Failure::Timeout) => {
+                self.ctx
+                    .metrics
+                    .http_timeouts
+                    .get_or_create(&RetryLabels {
+                        route: route.name.clone(),
+                        dst_service: target.service_label.clone(),
+                    })
+                    .inc();
+                error_response(StatusCode::GATEWAY_TIMEOUT, "request timed out")
+            }
+            Err(Failure::Status(status, why)) => error_response(status, why),
+        };
+        let (mut parts, body) = rsp.into_parts();
+        if app_http1 {
+            parts.version = Version::HTTP_11;
+            headers::strip_hop_by_hop(&mut parts.headers);
+        }
+        metrics.response_headers();
+        let observed = Observed::new(body, metrics, parts.status, &parts.headers);
+        Response::from_parts(parts, boxed(observed))
+    }
+
+    /// Sends the request, retrying as the route allows; the whole loop is under the
+    /// route's request timeout (in `handle`).
+    async fn attempts(
+        &self,
+        target: &Target,
+        route: &Route,
+        backend: &Backend,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Failure> {
+        let (parts, incoming) = req.into_parts();
+        let head = Head {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+        };
+        let policy = route.retry.as_ref();
+        if let Some(p) = policy {
+            p.budget.deposit();
+        }
+        // A request can be retried only if its body can be sent again.
+        let (replay, once) = match policy {
+            Some(p) => match replayable_body(&head, incoming).await {
+                Ok(Replay::Buffered(bytes)) if p.is_retryable_method(&head.method, true) => {
+                    (Some(bytes), None)
+                }
+                Ok(Replay::Buffered(bytes)) => (None, Some(body::full(bytes))),
+                Ok(Replay::Streaming(b)) => (None, Some(boxed(b))),
+                Err(_) => {
+                    return Err(Failure::Status(
+                        StatusCode::BAD_REQUEST,
+                        "reading the request body failed",
+                    ))
+                }
+            },
+            None => (None, Some(boxed(incoming))),
+        };
+        // A streamed body that breaks mid-way is the client's fault, not the server's.
+        let (once, body_failed) = match once {
+            Some(b) => {
+                let (watched, failed) = body::Watched::new(b);
+                (Some(boxed(watched)), Some(failed))
+            }
+            None => (None, None),
+        };
+        let mut once = once;
+        let mut attempt = 1u32;
+        loop {
+            let body = match (&replay, once.take()) {
+                (Some(bytes), _) => body::full(bytes.clone()),
+                (None, Some(b)) => b,
+                (None, None) => {
+                    return Err(Failure::Status(
+                        StatusCode::BAD_GATEWAY,
+                        "request body already sent",
+                    ))
+                }
+            };
+            let result = self.attempt(route, backend, &head, body).await;
+            let retryable = match &result {
+                Ok(rsp) => policy.is_some_and(|p| p.should_retry_status(rsp.status().as_u16())),
+                Err(AttemptError::Send(e)) => e.is_connect() || policy.is_some(),
+                Err(AttemptError::Timeout | AttemptError::NoEndpoint) => policy.is_some(),
+            };
+            if let (true, Some(p), Some(_)) = (retryable, policy, &replay) {
+                if attempt < p.max_attempts && p.budget.try_withdraw() {
+                    self.ctx
+                        .metrics
+                        .http_retries
+                        .get_or_create(&RetryLabels {
+                            route: route.name.clone(),
+                            dst_service: target.service_label.clone(),
+                        })
+                        .inc();
+                    tokio::time::sleep(p.backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+            }
+            return match result {
+                Ok(rsp) => Ok(rsp),
+                Err(AttemptError::Timeout) => Err(Failure::Timeout),
+                Err(AttemptError::NoEndpoint) => Err(Failure::Status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no endpoint available",
+                )),
+                Err(AttemptError::Send(_))
+                    if body_failed
+                        .as_ref()
+                        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) =>
+                {
+                    Err(Failure::Status(
+                        StatusCode::BAD_REQUEST,
+                        "malformed request body",
+                    ))
+                }
+                Err(AttemptError::Send(e)) => {
+                    tracing::info!(error = %e, "request failed");
+                    Err(Failure::Status(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream connection failed",
+                    ))
+                }
+            };
+        }
+    }
+
+    async fn attempt(
+        &self,
+        route: &Route,
+        backend: &Backend,
+        head: &Head,
+        body: Body,
+    ) -> Result<Response<Body>, AttemptError> {
+        let Some(handle) = backend.balancer.pick() else {
+            return Err(AttemptError::NoEndpoint);
+        };
+        let ep = handle.endpoint().clone();
+        let req = match request_for(&ep, head, body) {
+            Ok(r) => r,
+            Err(_) => {
+                handle.finish(Outcome::Success(Duration::ZERO));
+                return Err(AttemptError::Send(SendError::Request {
+                    addr: ep.addr,
+                    source: "request target cannot be rewritten".into(),
+                }));
+            }
+        };
+        let started = Instant::now();
+        let send = self.ctx.clients.send(ep.addr, ep.identity.as_ref(), req);
+        let sent = match route.backend_request_timeout {
+            Some(limit) => tokio::time::timeout(limit, send)
+                .await
+                .map_err(|_| AttemptError::Timeout),
+            None => Ok(send.await),
+        };
+        match sent {
+            Ok(Ok(rsp)) => {
+                handle.finish(Outcome::Success(started.elapsed()));
+                Ok(rsp.map(boxed))
+            }
+            Ok(Err(e)) => {
+                handle.finish(Outcome::Failure);
+                Err(AttemptError::Send(e))
+            }
+            Err(e) => {
+                handle.finish(Outcome::Failure);
+                Err(e)
+            }
+        }
+    }
+
+    /// HTTP/1 Upgrade (WebSocket): a dedicated connection to one endpoint — mTLS carrying
+    /// opaque bytes when meshed — and, after `101`, bytes both ways.
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        backend: &Backend,
+        metrics: HttpRequestMetrics,
+    ) -> Response<Body> {
+        let Some(handle) = backend.balancer.pick() else {
+            let rsp = error_response(StatusCode::SERVICE_UNAVAILABLE, "no endpoint available");
+            metrics.response_end(rsp.status().as_u16(), crate::metrics::GrpcStatus(None));
+            return rsp;
+        };
+        let ep = handle.endpoint().clone();
+        let app_upgrade = hyper::upgrade::on(&mut req);
+        let result = self.upgrade_request(&ep, req).await;
+        handle.finish(match &result {
+            Ok(_) => Outcome::Success(Duration::ZERO),
+            Err(_) => Outcome::Failure,
+        });
+        let mut rsp = match result {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                tracing::info!(error = %e, "upgrade request failed");
+                let rsp = error_response(StatusCode::BAD_GATEWAY, "upstream connection failed");
+                metrics.response_end(rsp.status().as_u16(), crate::metrics::GrpcStatus(None));
+                return rsp;
+            }
+        };
+        metrics.response_headers();
+        metrics.response_end(rsp.status().as_u16(), crate::metrics::GrpcStatus(None));
+        if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let server_upgrade = hyper::upgrade::on(&mut rsp);
+            tokio::spawn(async move {
+                match (app_upgrade.await, server_upgrade.await) {
+                    (Ok(app), Ok(server)) => {
+                        let mut app = hyper_util::rt::TokioIo::new(app);
+                        let mut server = hyper_util::rt::TokioIo::new(server);
+                        let _ = tokio::io::copy_bidirectional(&mut app, &mut server).await;
+                    }
+                    (a, s) => {
+                        tracing::info!(app = ?a.err(), server = ?s.err(), "upgrade did not complete")
+                    }
+                }
+            });
+        }
+        rsp.map(boxed)
+    }
+
+    async fn upgrade_request(
+        &self,
+        ep: &Endpoint,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let addr = ep.addr;
+        let tcp =
+            match tokio::time::timeout(self.ctx.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(source)) => return Err(SendError::Connect { addr, source }),
+                Err(_) => return Err(SendError::ConnectTimeout(addr)),
+            };
+        let _ = tcp.set_nodelay(true);
+        let (parts, body) = req.into_parts();
+        let mut out = Request::from_parts(parts, body);
+        // Origin-form on a direct HTTP/1 connection; Host and the Upgrade headers stay.
+        if let Some(pq) = out.uri().path_and_query().cloned() {
+            *out.uri_mut() = Uri::from(pq);
+        }
+        let mut sender = match &ep.identity {
+            Some(peer) => {
+                let tls = self
+                    .ctx
+                    .opaque_tls
+                    .connect(peer.server_name.clone(), tcp)
+                    .await
+                    .map_err(|source| SendError::Tls {
+                        addr,
+                        identity: peer.id.to_string(),
+                        source,
+                    })?;
+                http1_with_upgrades(addr, tls).await?
+            }
+            None => http1_with_upgrades(addr, tcp).await?,
+        };
+        sender
+            .send_request(out)
+            .await
+            .map_err(|e| SendError::Request {
+                addr,
+                source: Box::new(e),
+            })
+    }
+}
+
+enum AttemptError {
+    Send(SendError),
+    Timeout,
+    NoEndpoint,
+}
+
+enum Replay<B> {
+    Buffered(Bytes),
+    Streaming(B),
+}
+
+/// Buffers a body that is known to be small (or empty) so it can be replayed; larger or
+/// unsized bodies stream and make the request non-retryable.
+async fn replayable_body(head: &Head, body: Incoming) -> Result<Replay<Incoming>, hyper::Error> {
+    if body.is_end_stream() {
+        return Ok(Replay::Buffered(Bytes::new()));
+    }
+    let declared = head
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(len) if len <= MAX_REPLAY_BODY => {
+            Ok(Replay::Buffered(body.collect().await?.to_bytes()))
+        }
+        _ => Ok(Replay::Streaming(body)),
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE)
+}
+
+/// The request as this endpoint must receive it.
+fn request_for(
+    ep: &Endpoint,
+    head: &Head,
+    body: Body,
+) -> Result<Request<Body>, headers::HeaderError> {
+    let mut req = head.to_request(body);
+    if ep.identity.is_some() {
+        headers::to_mesh(&mut req)?;
+        return Ok(req);
+    }
+    // Unmeshed: plaintext in the app's own protocol. HTTP/1 connects where the URI points,
+    // so the URI names the endpoint and Host keeps what the app said.
+    headers::strip_hop_by_hop(req.headers_mut());
+    if req.version() < Version::HTTP_2 {
+        let authority = headers::authority_of(&req).ok_or(headers::HeaderError::NoAuthority)?;
+        if !req.headers().contains_key(http::header::HOST) {
+            let host = http::HeaderValue::from_str(authority.as_str())
+                .map_err(|_| headers::HeaderError::BadTarget)?;
+            req.headers_mut().insert(http::header::HOST, host);
+        }
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        *req.uri_mut() = Uri::builder()
+            .scheme("http")
+            .authority(ep.addr.to_string())
+            .path_and_query(path)
+            .build()
+            .map_err(|_| headers::HeaderError::BadTarget)?;
+    }
+    Ok(req)
+}
+
+/// A one-off HTTP/1 client connection that may be upgraded after its response.
+async fn http1_with_upgrades<T>(
+    addr: std::net::SocketAddr,
+    io: T,
+) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, SendError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|source| SendError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(%addr, error = %e, "upgraded connection closed");
+        }
+    });
+    Ok(sender)
+}

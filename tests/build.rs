@@ -1,0 +1,14 @@
+//! Compiles the gRPC test service with protox (a Rust protobuf compiler), so no system `protoc`
+//! is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/testservice.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .compile_fds(fds)?;
+    Ok(())
+}
