@@ -1,7 +1,11 @@
 //! Compiles the gRPC contract with protox (a Rust protobuf compiler), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/identity.proto", "proto/destination.proto"];
+    let protos = [
+        "proto/identity.proto",
+        "proto/destination.proto",
+        "proto/inbound.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -9,3 +9,8 @@ pub mod destination {
     //! `weft.destination.v1`: outbound discovery.
     tonic::include_proto!("weft.destination.v1");
 }
+
+pub mod inbound {
+    //! `weft.inbound.v1`: inbound authorization policy.
+    tonic::include_proto!("weft.inbound.v1");
+}

@@ -25,6 +25,14 @@ enum Command {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
+    /// The demo's HTTP app (run inside a demo pod).
+    #[command(hide = true)]
+    DemoHttp {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        name: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Command::Identity(args) => identity::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::DemoEcho { listen } => demo::app::echo_server(listen),
+        Command::DemoHttp { listen, name } => demo::app::http_server(listen, name),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 //! bytes) and checks it; with `--duration` it runs unattended and exits non-zero on failure.
 
 pub mod app;
+mod canary;
 mod netns;
 
 use std::collections::BTreeMap;
@@ -39,26 +40,45 @@ struct Pod {
     ip: Ipv4Addr,
     service_account: &'static str,
     meshed: bool,
+    /// Extra YAML label lines (the `app` label is always the pod's name, or as set here).
+    labels: &'static str,
 }
 
-const PODS: [Pod; 3] = [
+const PODS: [Pod; 5] = [
     Pod {
         name: "server",
         ip: SERVER_IP,
         service_account: "server",
         meshed: true,
+        labels: "    app: server\n",
     },
     Pod {
         name: "client",
         ip: CLIENT_IP,
         service_account: "client",
         meshed: true,
+        labels: "    app: client\n",
     },
     Pod {
         name: "legacy",
         ip: LEGACY_IP,
         service_account: "legacy",
         meshed: false,
+        labels: "    app: legacy\n",
+    },
+    Pod {
+        name: "web-v1",
+        ip: Ipv4Addr::new(198, 18, 0, 5),
+        service_account: "web",
+        meshed: true,
+        labels: "    app: web\n    version: v1\n",
+    },
+    Pod {
+        name: "web-v2",
+        ip: Ipv4Addr::new(198, 18, 0, 6),
+        service_account: "web",
+        meshed: true,
+        labels: "    app: web\n    version: v2\n",
     },
 ];
 
@@ -109,6 +129,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         tokens.insert(pod.name, (path, token));
     }
     write_manifests(&manifests, &tokens)?;
+    std::fs::write(
+        manifests.join("web.yaml"),
+        canary::services_yaml(NAMESPACE, APP_PORT),
+    )?;
+    canary::write_split(&manifests, NAMESPACE, canary::PHASES[0])?;
 
     let prefix = format!("wd{}", std::process::id() % 100_000);
     let mut sb = Sandbox::new(&prefix, &logs)?;
@@ -179,6 +204,18 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         &["demo-echo", "--listen", &format!("0.0.0.0:{APP_PORT}")],
         &[],
     )?;
+    for version in ["web-v1", "web-v2"] {
+        let listen = format!("0.0.0.0:{APP_PORT}");
+        let args = ["demo-http", "--listen", listen.as_str(), "--name", version];
+        sb.spawn(
+            &format!("app-{version}"),
+            &pod_ns[version],
+            None,
+            &me,
+            &args,
+            &[],
+        )?;
+    }
 
     for pod in PODS.iter().filter(|p| p.meshed) {
         wait_ready(&mut sb, &node, pod)?;
@@ -188,6 +225,13 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         &pod_ns["server"],
         SocketAddr::from(([127, 0, 0, 1], APP_PORT)),
     )?;
+    for version in ["web-v1", "web-v2"] {
+        wait_listening(
+            &mut sb,
+            &pod_ns[version],
+            SocketAddr::from(([127, 0, 0, 1], APP_PORT)),
+        )?;
+    }
     step("all proxies ready (each holds a workload certificate)");
     println!();
 
@@ -195,16 +239,26 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let server_direct = SocketAddr::from((SERVER_IP, APP_PORT));
     println!("client → echo Service {service} (→ server:{APP_PORT}, mTLS between the proxies)");
     println!("legacy → server pod {server_direct} directly (plaintext; no proxy on legacy)");
+    println!(
+        "client → web Service {}:80 over HTTP, split by a TrafficSplit the demo edits: 90/10 → 50/50 → 0/100",
+        canary::WEB_IP
+    );
     match args.duration {
         Some(secs) => println!("running for {secs} s\n"),
-        None => println!("running until Ctrl-C\n"),
+        None => println!("running until Ctrl-C (the split moves every 20 s)\n"),
     }
 
-    let deadline = args
-        .duration
-        .map(|s| Instant::now() + Duration::from_secs(s));
+    let started = Instant::now();
+    let phase_len = args.duration.map_or(Duration::from_secs(20), |s| {
+        Duration::from_secs(s.max(9)) / 3
+    });
+    let deadline = args.duration.map(|s| started + Duration::from_secs(s));
     let interrupted = interrupt_flag()?;
     let mut stats = Stats::default();
+    let mut phases: Vec<canary::PhaseTally> =
+        canary::PHASES.iter().map(|_| Default::default()).collect();
+    let (mut phase, mut phase_started) = (0usize, Instant::now());
+    let mut table: Option<canary::RouteTable> = None;
     let mut round = 0u64;
     loop {
         round += 1;
@@ -223,9 +277,27 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
                 })?,
             );
         }
+        // Requests during the first 2 s of a phase may still follow the previous split.
+        let settled = phase_started.elapsed() >= Duration::from_secs(2);
+        for _ in 0..5 {
+            let result = in_netns(&pod_ns["client"], canary::get_web)?;
+            if settled || result.as_ref().map_or(true, |(status, _)| *status != 200) {
+                canary::request(&mut phases[phase], result);
+            }
+        }
         sb.check_alive()?;
         if round % 5 == 1 {
             print_view(&node)?;
+            let now = read_table(&node)?;
+            now.print(table.as_ref(), canary::PHASES[phase]);
+            table = Some(now);
+        }
+        if phase + 1 < canary::PHASES.len() && phase_started.elapsed() >= phase_len {
+            phase += 1;
+            phase_started = Instant::now();
+            let (v1, v2) = canary::PHASES[phase];
+            canary::write_split(&manifests, NAMESPACE, (v1, v2))?;
+            println!("\n• TrafficSplit web-canary edited: web-v1 {v1}% / web-v2 {v2}%\n");
         }
         if deadline.is_some_and(|d| Instant::now() >= d)
             || interrupted.load(std::sync::atomic::Ordering::Relaxed)
@@ -237,7 +309,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     println!("\nfinal view:");
     let inbound = print_view(&node)?;
-    let checks = evaluate(&stats, &inbound);
+    read_table(&node)?.print(table.as_ref(), canary::PHASES[phase]);
+    let mut checks = evaluate(&stats, &inbound);
+    checks.extend(canary_checks(&phases, phase));
     println!();
     let mut failed = 0;
     for (ok, what) in &checks {
@@ -417,6 +491,38 @@ fn wait_ready(sb: &mut Sandbox, node: &str, pod: &Pod) -> anyhow::Result<()> {
     }
 }
 
+fn read_table(node: &str) -> anyhow::Result<canary::RouteTable> {
+    let admin = SocketAddr::from((CLIENT_IP, 7191));
+    let (_, body) =
+        in_netns(node, move || app::http_get(admin, "/metrics"))?.map_err(anyhow::Error::msg)?;
+    Ok(canary::RouteTable::read(&body, "web.demo"))
+}
+
+/// Every HTTP request succeeded, and once the last split (0/100) settled only web-v2 served.
+fn canary_checks(phases: &[canary::PhaseTally], reached: usize) -> Vec<(bool, String)> {
+    let failed: u64 = phases.iter().map(|p| p.failed).sum();
+    let served: u64 = phases.iter().flat_map(|p| p.served_by.values()).sum();
+    let last_error = phases
+        .iter()
+        .find_map(|p| p.last_error.clone())
+        .map(|e| format!(" (last error: {e})"))
+        .unwrap_or_default();
+    let mut checks = vec![(
+        failed == 0 && served > 0,
+        format!("HTTP through the split: {served} responses, {failed} failed{last_error}"),
+    )];
+    if reached + 1 == canary::PHASES.len() {
+        let last = &phases[reached];
+        let v1 = last.served_by.get("web-v1").copied().unwrap_or(0);
+        let v2 = last.served_by.get("web-v2").copied().unwrap_or(0);
+        checks.push((
+            v1 == 0 && v2 > 0,
+            format!("after the split moved to 0/100: web-v2 served {v2}, web-v1 {v1}"),
+        ));
+    }
+    checks
+}
+
 fn wait_listening(sb: &mut Sandbox, ns: &str, addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !in_netns(ns, move || {
@@ -449,8 +555,9 @@ fn write_manifests(dir: &Path, tokens: &BTreeMap<&str, (PathBuf, String)>) -> an
         }
         let _ = write!(
             yaml,
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  labels:\n    app: {name}\n  annotations:\n{annotations}spec:\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    ports:\n    - containerPort: {APP_PORT}\nstatus:\n  podIP: {ip}\n",
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  labels:\n{labels}  annotations:\n{annotations}spec:\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n    ports:\n    - containerPort: {APP_PORT}\nstatus:\n  podIP: {ip}\n",
             name = pod.name,
+            labels = pod.labels,
             sa = pod.service_account,
             ip = pod.ip,
         );
