@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod connect;
 pub mod control;
 pub mod detect;
 pub mod discovery;

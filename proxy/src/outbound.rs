@@ -10,6 +10,7 @@ use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
+use crate::connect::{self, ConnectError};
 use crate::detect::{detect, Protocol};
 use crate::discovery::{Discovery, Endpoint, Target};
 use crate::drain::Drain;
@@ -28,19 +29,8 @@ pub enum OutboundError {
     Discovery(#[from] crate::discovery::DiscoveryError),
     #[error("{0} has no endpoints")]
     NoEndpoints(SocketAddr),
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("connecting to {0}: timed out")]
-    ConnectTimeout(SocketAddr),
-    #[error("mTLS to {addr} (expecting {identity}): {source}")]
-    Tls {
-        addr: SocketAddr,
-        identity: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("reading the first bytes: {0}")]
     Detect(std::io::Error),
     #[error("HTTP: {0}")]
@@ -98,7 +88,7 @@ impl Outbound {
         let target = watch.current();
         if !target.known {
             // Not in the mesh's view: pass through as the app asked (egress).
-            let server = self.connect_tcp(dst).await?;
+            let server = connect::tcp(dst, self.connect_timeout).await?;
             let m = self.metrics.tcp_connection(TcpLabels {
                 direction: Direction::Outbound,
                 peer_identity: String::new(),
@@ -193,31 +183,14 @@ impl Outbound {
     }
 
     async fn open(&self, ep: &Endpoint) -> Result<Opened, OutboundError> {
-        let tcp = self.connect_tcp(ep.addr).await?;
-        let Some(peer) = &ep.identity else {
-            return Ok(Opened::Plain(tcp));
+        let opened = match &ep.identity {
+            Some(peer) => Opened::Mesh(
+                Box::new(connect::mesh(&self.mesh_tls, ep.addr, peer, self.connect_timeout).await?),
+                peer.id.to_string(),
+            ),
+            None => Opened::Plain(connect::tcp(ep.addr, self.connect_timeout).await?),
         };
-        let handshake = self.mesh_tls.connect(peer.server_name.clone(), tcp);
-        match tokio::time::timeout(self.connect_timeout, handshake).await {
-            Ok(Ok(tls)) => Ok(Opened::Mesh(Box::new(tls), peer.id.to_string())),
-            Ok(Err(source)) => Err(OutboundError::Tls {
-                addr: ep.addr,
-                identity: peer.id.to_string(),
-                source,
-            }),
-            Err(_) => Err(OutboundError::ConnectTimeout(ep.addr)),
-        }
-    }
-
-    async fn connect_tcp(&self, addr: SocketAddr) -> Result<TcpStream, OutboundError> {
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => {
-                let _ = tcp.set_nodelay(true);
-                Ok(tcp)
-            }
-            Ok(Err(source)) => Err(OutboundError::Connect { addr, source }),
-            Err(_) => Err(OutboundError::ConnectTimeout(addr)),
-        }
+        Ok(opened)
     }
 }
 

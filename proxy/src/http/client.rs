@@ -14,27 +14,16 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::body::Body;
+use crate::connect::{self, ConnectError};
 use crate::discovery::MeshPeer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("connecting to {0}: timed out")]
-    ConnectTimeout(SocketAddr),
-    #[error("mTLS to {addr} (expecting {identity}): {source}")]
-    Tls {
-        addr: SocketAddr,
-        identity: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("HTTP/2 handshake with {addr}: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -50,13 +39,7 @@ pub enum SendError {
 impl SendError {
     /// Failed before the request could have reached the server: safe to retry anywhere.
     pub fn is_connect(&self) -> bool {
-        matches!(
-            self,
-            SendError::Connect { .. }
-                | SendError::ConnectTimeout(_)
-                | SendError::Tls { .. }
-                | SendError::Handshake { .. }
-        )
+        matches!(self, SendError::Connect(_) | SendError::Handshake { .. })
     }
 }
 
@@ -147,12 +130,6 @@ impl Clients {
         addr: SocketAddr,
         peer: Option<&MeshPeer>,
     ) -> Result<SendRequest<Body>, SendError> {
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(source)) => return Err(SendError::Connect { addr, source }),
-            Err(_) => return Err(SendError::ConnectTimeout(addr)),
-        };
-        let _ = tcp.set_nodelay(true);
         let builder = {
             let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new())
@@ -162,18 +139,7 @@ impl Clients {
         };
         let sender = match peer {
             Some(peer) => {
-                let handshake = self.mesh_tls.connect(peer.server_name.clone(), tcp);
-                let tls = match tokio::time::timeout(self.connect_timeout, handshake).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(source)) => {
-                        return Err(SendError::Tls {
-                            addr,
-                            identity: peer.id.to_string(),
-                            source,
-                        })
-                    }
-                    Err(_) => return Err(SendError::ConnectTimeout(addr)),
-                };
+                let tls = connect::mesh(&self.mesh_tls, addr, peer, self.connect_timeout).await?;
                 let (sender, conn) = builder
                     .handshake(TokioIo::new(tls))
                     .await
@@ -182,6 +148,7 @@ impl Clients {
                 sender
             }
             None => {
+                let tcp = connect::tcp(addr, self.connect_timeout).await?;
                 let (sender, conn) = builder
                     .handshake(TokioIo::new(tcp))
                     .await

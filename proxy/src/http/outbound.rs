@@ -10,7 +10,6 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::balance::Outcome;
@@ -18,6 +17,7 @@ use super::body::{self, boxed, error_response, Body, Observed};
 use super::client::{Clients, SendError};
 use super::headers;
 use super::route::{Backend, Route, RouteAction};
+use crate::connect;
 use crate::discovery::{Endpoint, Target, TargetWatch};
 use crate::metrics::{Direction, HttpRequestMetrics, Metrics, RetryLabels, RouteLabels, TlsState};
 
@@ -343,34 +343,19 @@ impl OutboundHttp {
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, SendError> {
         let addr = ep.addr;
-        let tcp =
-            match tokio::time::timeout(self.ctx.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(source)) => return Err(SendError::Connect { addr, source }),
-                Err(_) => return Err(SendError::ConnectTimeout(addr)),
-            };
-        let _ = tcp.set_nodelay(true);
         let (parts, body) = req.into_parts();
         let mut out = Request::from_parts(parts, body);
         // Origin-form on a direct HTTP/1 connection; Host and the Upgrade headers stay.
         if let Some(pq) = out.uri().path_and_query().cloned() {
             *out.uri_mut() = Uri::from(pq);
         }
+        let timeout = self.ctx.connect_timeout;
         let mut sender = match &ep.identity {
             Some(peer) => {
-                let tls = self
-                    .ctx
-                    .opaque_tls
-                    .connect(peer.server_name.clone(), tcp)
-                    .await
-                    .map_err(|source| SendError::Tls {
-                        addr,
-                        identity: peer.id.to_string(),
-                        source,
-                    })?;
+                let tls = connect::mesh(&self.ctx.opaque_tls, addr, peer, timeout).await?;
                 http1_with_upgrades(addr, tls).await?
             }
-            None => http1_with_upgrades(addr, tcp).await?,
+            None => http1_with_upgrades(addr, connect::tcp(addr, timeout).await?).await?,
         };
         sender
             .send_request(out)
