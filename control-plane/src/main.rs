@@ -1,5 +1,5 @@
 //! `weft-control`: the control plane. Standalone it reads Kubernetes-shaped YAML from a
-//! directory (`--source dir:<path>`) and serves Identity and Destination over TLS.
+//! directory (`--source dir:<path>`) and serves Identity, Destination and Inbound over TLS.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,10 +13,13 @@ use tokio_rustls::TlsAcceptor;
 use tonic::transport::Server;
 use weft_api::destination::destination_server::DestinationServer;
 use weft_api::identity::identity_server::IdentityServer;
+use weft_api::inbound::inbound_server::InboundServer;
 use weft_certs::{server_config, CertStore, ClientAuth, Issuer, SpiffeId, TrustAnchors};
 use weft_control::grpc::destination::DestinationService;
 use weft_control::grpc::identity::IdentityService;
+use weft_control::grpc::inbound::InboundService;
 use weft_control::index::Index;
+use weft_control::model::DefaultInboundPolicy;
 use weft_control::source::dir::DirSource;
 use weft_control::tls_server;
 
@@ -42,6 +45,11 @@ struct Args {
     namespace: String,
     #[arg(long, default_value = "weft-control")]
     service_account: String,
+    /// What a pod port allows when no AuthorizationPolicy selects it, unless the pod or its
+    /// namespace says otherwise (annotation config.weft.io/default-inbound-policy):
+    /// all-unauthenticated, all-authenticated, cluster-authenticated or deny.
+    #[arg(long, default_value_t = DefaultInboundPolicy::AllUnauthenticated)]
+    default_inbound_policy: DefaultInboundPolicy,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     log: String,
@@ -147,13 +155,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         lifetime: Duration::from_secs(args.cert_lifetime_secs),
     };
     let destination = DestinationService {
+        index: index.clone(),
+        trust_domain: args.trust_domain.clone(),
+    };
+    let inbound = InboundService {
         index,
         trust_domain: args.trust_domain.clone(),
+        default_policy: args.default_inbound_policy,
     };
     Server::builder()
         // Requests are small (a CSR and a token; a target name): refuse big ones before decoding.
         .add_service(IdentityServer::new(identity).max_decoding_message_size(64 * 1024))
         .add_service(DestinationServer::new(destination).max_decoding_message_size(16 * 1024))
+        .add_service(InboundServer::new(inbound).max_decoding_message_size(16 * 1024))
         .serve_with_incoming_shutdown(
             tls_server::incoming(listener, TlsAcceptor::from(tls)),
             shutdown_signal(),

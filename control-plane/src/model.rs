@@ -2,10 +2,14 @@
 //! plane asks of it: who is meshed, what is behind an `ip:port`, which pod a token proves.
 //! Pure domain types: no YAML, Kubernetes client or protobuf types leak in here.
 
+pub mod authz;
 pub mod duration;
+pub mod inbound;
 pub mod route_resolution;
 pub mod routes;
 
+pub use authz::AuthorizationPolicy;
+pub use inbound::{DefaultInboundPolicy, InboundPolicy, InboundProtocol};
 pub use route_resolution::{ResolvedBackend, ResolvedRetry, ResolvedRoute, DEFAULT_ROUTE_NAME};
 pub use routes::{HttpRoute, TrafficSplit};
 
@@ -48,6 +52,17 @@ pub struct Pod {
     pub annotations: BTreeMap<String, String>,
     /// TCP ports declared by the pod's containers (used to resolve named target ports).
     pub container_ports: Vec<ContainerPort>,
+    /// The containers' plaintext HTTP liveness/readiness/startup probes.
+    pub probes: Vec<HttpProbe>,
+}
+
+/// A kubelet `httpGet` probe of the pod's own address, which inbound policy lets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpProbe {
+    /// The request path kubelet sends (absolute, without query).
+    pub path: String,
+    /// A number, or the name of one of the pod's container ports.
+    pub port: TargetPort,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +110,8 @@ pub struct ClusterState {
     pub traffic_splits: BTreeMap<(String, String), TrafficSplit>,
     /// Keyed by (namespace, name).
     pub http_routes: BTreeMap<(String, String), HttpRoute>,
+    /// Keyed by (namespace, name).
+    pub authorization_policies: BTreeMap<(String, String), AuthorizationPolicy>,
 }
 
 /// What is behind an original destination `ip:port`.
@@ -443,6 +460,16 @@ impl Pod {
             }
             check_port_number("spec.containers[].ports[].containerPort", port.port)?;
         }
+        for probe in &self.probes {
+            match &probe.port {
+                TargetPort::Number(number) => {
+                    check_port_number("spec.containers[].*Probe.httpGet.port", *number)?
+                }
+                TargetPort::Name(name) => {
+                    check_port_name("spec.containers[].*Probe.httpGet.port", name)?
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -622,9 +649,17 @@ fn check_annotations(annotations: &BTreeMap<String, String>) -> Result<(), Inval
                 format!("invalid key {key:?}"),
             ));
         }
-        if key == OPAQUE_PORTS_ANNOTATION {
+        if key == OPAQUE_PORTS_ANNOTATION || key == inbound::REQUIRE_MTLS_PORTS_ANNOTATION {
             PortRanges::parse(value)
                 .map_err(|e| InvalidField::new(format!("metadata.annotations[{key}]"), e.reason))?;
+        }
+        if key == inbound::DEFAULT_INBOUND_POLICY_ANNOTATION {
+            value
+                .trim()
+                .parse::<DefaultInboundPolicy>()
+                .map_err(|reason| {
+                    InvalidField::new(format!("metadata.annotations[{key}]"), reason)
+                })?;
         }
     }
     Ok(())
@@ -652,6 +687,7 @@ mod tests {
             labels: map(labels),
             annotations: BTreeMap::new(),
             container_ports: Vec::new(),
+            probes: Vec::new(),
         }
     }
 

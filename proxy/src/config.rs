@@ -40,7 +40,7 @@ pub struct ProxyConfig {
     /// Service account of this pod.
     #[arg(long, env = "WEFT_SERVICE_ACCOUNT", default_value = "default")]
     pub service_account: String,
-    /// Name of this pod (logs and metrics only).
+    /// Name of this pod: the control plane finds its inbound policy by it.
     #[arg(long, env = "WEFT_POD_NAME", default_value = "")]
     pub pod_name: String,
     /// Trust domain of identities.

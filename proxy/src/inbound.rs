@@ -1,19 +1,26 @@
 //! The inbound path: a redirected connection → its original port → detection (is this
 //! mesh mTLS addressed to us?) → TLS termination with the client's identity, or plaintext
-//! from an unmeshed client → `127.0.0.1:<port>` where the app listens → bytes both ways.
+//! from an unmeshed client → authorization (per connection for opaque TCP, per request for
+//! HTTP) → `127.0.0.1:<port>` where the app listens → bytes both ways.
+//!
+//! A denied opaque connection is closed before the app is connected, so the app never
+//! accepts it. Plaintext HTTP/1 is served request by request (so HTTP rules and probes
+//! apply to unmeshed clients and policy changes reach open keep-alive connections);
+//! plaintext h2c stays opaque and is decided per connection.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::authz::{Access, Authz, ClientIdentity, PortAuthz, Protocol};
 use crate::drain::Drain;
 use crate::forward::{forward, Prefixed};
 use crate::http::client::Clients;
-use crate::http::inbound::InboundHttp;
+use crate::http::inbound::{InboundClient, InboundHttp};
 use crate::http::ALPN_H2;
 use crate::metrics::{Direction, Metrics, TcpLabels, TlsState};
 use crate::original_dst::original_dst;
@@ -21,6 +28,8 @@ use crate::ALPN_OPAQUE;
 
 /// A ClientHello larger than this is not one a weft proxy sends; stop buffering.
 const MAX_DETECT_BYTES: usize = 16 * 1024;
+/// Plaintext HTTP/1 heads larger than this get 431 rather than reaching the app.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// TLS record content type "handshake" — the first byte of every ClientHello.
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -54,6 +63,23 @@ pub struct Inbound {
     pub connect_timeout: Duration,
     /// Pooled connections to the local app for HTTP arriving over the mesh.
     pub app_clients: Arc<Clients>,
+    pub authz: Arc<Authz>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+/// A connection decided as a whole: no request to look at.
+fn opaque_access(peer: &InboundClient) -> Access<'_> {
+    Access {
+        peer: peer.identity.as_ref(),
+        ip: peer.ip,
+        tls: peer.tls,
+        http: None,
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -77,7 +103,7 @@ impl Inbound {
                     let guard = drain.track();
                     let this = self.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = this.handle(tcp).await {
+                        if let Err(e) = this.handle(tcp, client).await {
                             tracing::info!(%client, error = %e, "inbound connection failed");
                         }
                         drop(guard);
@@ -91,7 +117,7 @@ impl Inbound {
         }
     }
 
-    async fn handle(&self, mut tcp: TcpStream) -> Result<(), InboundError> {
+    async fn handle(&self, mut tcp: TcpStream, client: SocketAddr) -> Result<(), InboundError> {
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().map_err(InboundError::OriginalDst)?;
         let dst = original_dst(&tcp, local).map_err(InboundError::OriginalDst)?;
@@ -103,47 +129,87 @@ impl Inbound {
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         };
         let app_addr = SocketAddr::new(loopback, dst.port());
-        let (prefix, detected) = self.detect(&mut tcp).await?;
-        let io = Prefixed::new(prefix, tcp);
-        match detected {
-            Detected::Mesh => {
-                let tls =
-                    match tokio::time::timeout(self.connect_timeout, self.tls.accept(io)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => return Err(InboundError::Handshake(e)),
-                        Err(_) => return Err(InboundError::HandshakeTimeout),
-                    };
-                let peer = weft_certs::peer_identity(tls.get_ref().1)
-                    .map(|id| id.to_string())
-                    .unwrap_or_default();
-                if tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
-                    return self.serve_mesh_http(tls, app_addr, &peer).await;
-                }
-                let app = self.connect_app(app_addr).await?;
-                let m = self.metrics.tcp_connection(TcpLabels {
-                    direction: Direction::Inbound,
-                    peer_identity: peer,
-                    tls: TlsState::Mutual,
-                });
-                let _ = forward(tls, app, &m).await;
+        // Starts the port's policy watch (first connection) while detection reads.
+        let authz = self.authz.port(dst.port());
+        let (mut prefix, detected) = self.detect(&mut tcp).await?;
+        if detected == Detected::Mesh {
+            let io = Prefixed::new(prefix, tcp);
+            let mut tls =
+                match tokio::time::timeout(self.connect_timeout, self.tls.accept(io)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return Err(InboundError::Handshake(e)),
+                    Err(_) => return Err(InboundError::HandshakeTimeout),
+                };
+            let identity = weft_certs::peer_identity(tls.get_ref().1).map(ClientIdentity::new);
+            let peer = InboundClient {
+                identity,
+                ip: client.ip(),
+                tls: true,
+            };
+            if tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+                self.serve_http(tls, HttpVersion::Http2, app_addr, peer, authz)
+                    .await;
+                return Ok(());
             }
-            Detected::Plaintext | Detected::Silent => {
-                if detected == Detected::Silent {
-                    self.metrics.inbound_detect_timeouts.inc();
-                    tracing::debug!(
-                        port = dst.port(),
-                        "client sent nothing before the detection timeout; treating as opaque"
-                    );
-                }
-                let app = self.connect_app(app_addr).await?;
-                let m = self.metrics.tcp_connection(TcpLabels {
-                    direction: Direction::Inbound,
-                    peer_identity: String::new(),
-                    tls: TlsState::Plaintext,
-                });
-                let _ = forward(io, app, &m).await;
+            let decision = authz.decide(&opaque_access(&peer)).await;
+            if !decision.allowed {
+                // The app never sees the connection; close_notify tells the client proxy.
+                let _ = tokio::time::timeout(self.connect_timeout, tls.shutdown()).await;
+                return Ok(());
+            }
+            let app = self.connect_app(app_addr).await?;
+            let m = self.metrics.tcp_connection(TcpLabels {
+                direction: Direction::Inbound,
+                peer_identity: peer
+                    .identity
+                    .as_ref()
+                    .map(|id| id.uri.0.to_string())
+                    .unwrap_or_default(),
+                tls: TlsState::Mutual,
+            });
+            let _ = forward(tls, app, &m).await;
+            return Ok(());
+        }
+
+        if detected == Detected::Silent {
+            self.metrics.inbound_detect_timeouts.inc();
+            tracing::debug!(
+                port = dst.port(),
+                "client sent nothing before the detection timeout; treating as opaque"
+            );
+        }
+        let peer = InboundClient {
+            identity: None,
+            ip: client.ip(),
+            tls: false,
+        };
+        let policy = authz.policy().await;
+        // Plaintext HTTP/1 is authorized per request; h2c and anything else per connection.
+        let http_allowed = policy
+            .as_ref()
+            .is_some_and(|p| p.protocol != Protocol::Opaque);
+        if detected == Detected::Plaintext && http_allowed {
+            let protocol = self.detect_http(&mut tcp, &mut prefix).await?;
+            if protocol == crate::detect::Protocol::Http1 {
+                let io = Prefixed::new(prefix, tcp);
+                self.serve_http(io, HttpVersion::Http1, app_addr, peer, authz)
+                    .await;
+                return Ok(());
             }
         }
+        let decision = authz.check(policy.as_deref(), &opaque_access(&peer));
+        if !decision.allowed {
+            // Dropping the socket closes it before the app is ever connected.
+            return Ok(());
+        }
+        let io = Prefixed::new(prefix, tcp);
+        let app = self.connect_app(app_addr).await?;
+        let m = self.metrics.tcp_connection(TcpLabels {
+            direction: Direction::Inbound,
+            peer_identity: String::new(),
+            tls: TlsState::Plaintext,
+        });
+        let _ = forward(io, app, &m).await;
         Ok(())
     }
 
@@ -172,27 +238,74 @@ impl Inbound {
         }
     }
 
-    /// Multiplexed HTTP/2 from a client proxy: each request goes to the app on its own.
-    async fn serve_mesh_http(
+    /// Keeps reading a plaintext connection until its first bytes say whether it is
+    /// HTTP/1 (the bytes read are appended to `buf` for replay).
+    async fn detect_http(
         &self,
-        tls: tokio_rustls::server::TlsStream<Prefixed<TcpStream>>,
+        tcp: &mut TcpStream,
+        buf: &mut Vec<u8>,
+    ) -> Result<crate::detect::Protocol, InboundError> {
+        use crate::detect::Protocol;
+        let deadline = tokio::time::Instant::now() + self.detect_timeout;
+        let mut chunk = [0u8; 2048];
+        loop {
+            if let Some(p) = crate::detect::classify(buf) {
+                return Ok(p);
+            }
+            if buf.len() >= MAX_DETECT_BYTES {
+                return Ok(Protocol::Opaque);
+            }
+            match tokio::time::timeout_at(deadline, tcp.read(&mut chunk)).await {
+                Err(_) | Ok(Ok(0)) => return Ok(Protocol::Opaque),
+                Ok(Err(e)) => return Err(InboundError::Detect(e)),
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Multiplexed HTTP/2 from a client proxy, or plaintext HTTP/1 from an unmeshed
+    /// client: each request is authorized and goes to the app on its own.
+    async fn serve_http<T>(
+        &self,
+        io: T,
+        version: HttpVersion,
         app: SocketAddr,
-        peer: &str,
-    ) -> Result<(), InboundError> {
+        peer: InboundClient,
+        authz: PortAuthz,
+    ) where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let client_ip = peer.ip;
         let service = Arc::new(InboundHttp::new(
             app,
             self.app_clients.clone(),
             self.metrics.clone(),
+            authz,
+            peer,
+            self.connect_timeout,
         ));
         let svc = hyper::service::service_fn(move |req| service.clone().serve(req));
-        let served = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-            .await;
+        let io = hyper_util::rt::TokioIo::new(io);
+        let served = match version {
+            HttpVersion::Http2 => {
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .serve_connection(io, svc)
+                    .await
+            }
+            HttpVersion::Http1 => {
+                hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .serve_connection(io, svc)
+                    .with_upgrades()
+                    .await
+            }
+        };
         if let Err(e) = served {
-            tracing::debug!(%peer, error = %e, "mesh HTTP/2 connection ended");
+            tracing::debug!(client = %client_ip, error = %e, "inbound HTTP connection ended");
         }
-        Ok(())
     }
 
     async fn connect_app(&self, addr: SocketAddr) -> Result<TcpStream, InboundError> {

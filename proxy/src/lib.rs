@@ -3,6 +3,7 @@
 //! detection (inbound) → `forward`. Identity, admin and metrics run beside it.
 
 pub mod admin;
+pub mod authz;
 pub mod config;
 pub mod connect;
 pub mod control;

@@ -113,6 +113,66 @@ pub struct RetryLabels {
     pub dst_service: Name,
 }
 
+/// An inbound authorization outcome. `audit_deny` is counted in addition to the `allow`
+/// of the same access, so allow + deny is every access exactly once.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum AuthzDecision {
+    Allow,
+    Deny,
+    AuditDeny,
+}
+
+impl EncodeLabelValue for AuthzDecision {
+    fn encode(&self, enc: &mut LabelValueEncoder) -> fmt::Result {
+        enc.write_str(match self {
+            AuthzDecision::Allow => "allow",
+            AuthzDecision::Deny => "deny",
+            AuthzDecision::AuditDeny => "audit_deny",
+        })
+    }
+}
+
+/// The index of the deciding rule in its policy ("" when no rule decided).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct RuleLabel(pub Option<usize>);
+
+impl EncodeLabelValue for RuleLabel {
+    fn encode(&self, enc: &mut LabelValueEncoder) -> fmt::Result {
+        match self.0 {
+            Some(index) => (index as u64).encode(enc),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The pod's port an access was for; "other" once too many distinct ports have been seen.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct PortLabel(pub Option<u16>);
+
+impl EncodeLabelValue for PortLabel {
+    fn encode(&self, enc: &mut LabelValueEncoder) -> fmt::Result {
+        match self.0 {
+            Some(port) => port.encode(enc),
+            None => enc.write_str("other"),
+        }
+    }
+}
+
+/// Bounded by the cluster's configuration: policy names, rule indexes, the pod's ports and
+/// the mesh's identities.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub decision: AuthzDecision,
+    /// "namespace/name" of the deciding AuthorizationPolicy, or "default".
+    pub policy: Name,
+    pub rule: RuleLabel,
+    pub port: PortLabel,
+    /// Inbound routes are not named yet: always "default".
+    pub route: Name,
+    /// The client's SPIFFE id; "" for plaintext.
+    pub client_id: Name,
+}
+
 type HistogramFamily = Family<TcpLabels, Histogram, fn() -> Histogram>;
 type LatencyFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
@@ -133,6 +193,8 @@ pub struct Metrics {
     pub control_plane_connected: Gauge,
     pub discovery_failures: Counter,
     pub inbound_detect_timeouts: Counter,
+    authz: Family<AuthzLabels, Counter>,
+    pub inbound_policy_rejected: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -238,6 +300,18 @@ impl Metrics {
             "Inbound connections that sent nothing before the detection timeout (treated as opaque)",
             inbound_detect_timeouts.clone(),
         );
+        let authz = Family::<AuthzLabels, Counter>::default();
+        let inbound_policy_rejected = Counter::default();
+        registry.register(
+            "inbound_authz",
+            "Inbound authorization decisions per connection (opaque TCP) or request (HTTP)",
+            authz.clone(),
+        );
+        registry.register(
+            "inbound_policy_rejected",
+            "Inbound policy updates refused because they did not compile (the last good one stays)",
+            inbound_policy_rejected.clone(),
+        );
         Arc::new(Metrics {
             registry,
             tcp_open,
@@ -255,6 +329,8 @@ impl Metrics {
             control_plane_connected,
             discovery_failures,
             inbound_detect_timeouts,
+            authz,
+            inbound_policy_rejected,
         })
     }
 
@@ -282,6 +358,10 @@ impl Metrics {
 }
 
 impl Metrics {
+    pub fn authz_decision(&self, labels: &AuthzLabels) {
+        self.authz.get_or_create(labels).inc();
+    }
+
     /// Counts a request and returns what its response is recorded with.
     pub fn http_request(self: &Arc<Self>, labels: RouteLabels) -> HttpRequestMetrics {
         self.http_requests.get_or_create(&labels).inc();

@@ -11,6 +11,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use weft_certs::{client_config, server_config, CertStore, ClientAuth, TrustAnchors};
 
 use crate::admin::Admin;
+use crate::authz::{Authz, PolicyWatch};
 use crate::config::Settings;
 use crate::discovery::Discovery;
 use crate::drain::Drain;
@@ -86,6 +87,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     }
 
+    if settings.pod_name.is_empty() {
+        // The control plane looks inbound policy up by pod; without a name it cannot answer.
+        tracing::warn!("WEFT_POD_NAME is not set: no inbound policy can be fetched, so inbound connections will be refused");
+    }
+    let authz = Authz::new(
+        PolicyWatch::new(
+            discovery_channel.clone(),
+            settings.identity.namespace(),
+            &settings.pod_name,
+            settings.identity.trust_domain(),
+            metrics.clone(),
+        ),
+        metrics.clone(),
+        settings.discovery_timeout,
+    );
     let discovery = Discovery::new(
         discovery_channel,
         &settings.identity,
@@ -125,6 +141,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         detect_timeout: settings.inbound_detect_timeout,
         connect_timeout: settings.connect_timeout,
         app_clients: Arc::new(Clients::new(h2_tls, settings.connect_timeout)),
+        authz,
     });
     let outbound_listener = TcpListener::bind(settings.outbound_addr)
         .await

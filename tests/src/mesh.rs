@@ -25,7 +25,12 @@ const CONTROL_PLANE_START: Duration = Duration::from_secs(30);
 
 /// `spiffe://cluster.local/ns/<namespace>/sa/<service_account>`.
 pub fn spiffe_id(namespace: &str, service_account: &str) -> String {
-    format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}")
+    spiffe_id_in(TRUST_DOMAIN, namespace, service_account)
+}
+
+/// `spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`.
+pub fn spiffe_id_in(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
 /// The control plane's address as the pods see it.
@@ -36,6 +41,8 @@ pub fn control_plane_addr() -> SocketAddr {
 /// The files `weft identity --out <dir>` writes.
 #[derive(Debug, Clone)]
 pub struct IdentityFiles {
+    /// The `--trust-domain` they were generated for.
+    pub trust_domain: String,
     pub dir: PathBuf,
     pub trust_anchors: PathBuf,
     pub issuer: PathBuf,
@@ -50,37 +57,50 @@ impl Cluster {
         if let Some(files) = identity.as_ref() {
             return Ok(files.clone());
         }
-        let dir = self.tmp_dir().join("identity");
-        let weft = bin("weft")?;
-        let output = Command::new(&weft)
-            .arg("identity")
-            .arg("--out")
-            .arg(&dir)
-            .output()
-            .context(|| format!("running {} identity", weft.display()))?;
-        if !output.status.success() {
-            return Err(HarnessError::CommandFailed {
-                command: format!("weft identity --out {}", dir.display()),
-                status: output.status.to_string(),
-                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            });
-        }
-        let files = IdentityFiles {
-            trust_anchors: dir.join("trust-anchors.pem"),
-            issuer: dir.join("issuer.pem"),
-            issuer_key: dir.join("issuer-key.pem"),
-            dir,
-        };
-        for path in [&files.trust_anchors, &files.issuer, &files.issuer_key] {
-            if !path.is_file() {
-                return Err(HarnessError::invalid(
-                    "weft identity output",
-                    format!("{} was not written", path.display()),
-                ));
-            }
-        }
+        let files = generate_identity(&self.tmp_dir().join("identity"), TRUST_DOMAIN)?;
         *identity = Some(files.clone());
         Ok(files)
+    }
+
+    /// A second, unrelated CA: the real `weft identity --trust-domain <trust_domain> --out
+    /// <tmp>/identity-<trust_domain>`, generated on first use. Its issuer mints identities of
+    /// that trust domain (see [`crate::meshtls::WorkloadCert::mint`]); a proxy trusts them
+    /// only when its `WEFT_TRUST_ANCHORS` holds this anchor too (see [`Cluster::trust_bundle`]).
+    pub fn other_trust_domain(&self, trust_domain: &str) -> Result<IdentityFiles> {
+        if trust_domain == TRUST_DOMAIN {
+            return Err(HarnessError::invalid(
+                "trust domain",
+                format!("{trust_domain} is the cluster's own"),
+            ));
+        }
+        let dir = self.tmp_dir().join(format!("identity-{trust_domain}"));
+        if dir.join("issuer-key.pem").is_file() {
+            return Ok(identity_files(&dir, trust_domain));
+        }
+        generate_identity(&dir, trust_domain)
+    }
+
+    /// A PEM bundle of the cluster's trust anchors followed by those of `others`, for a
+    /// proxy that must accept peers of several trust domains (its `WEFT_TRUST_ANCHORS`, e.g.
+    /// via [`MeshPodSpec::trust_anchors`]).
+    pub fn trust_bundle(&self, others: &[&IdentityFiles]) -> Result<PathBuf> {
+        let mut bundle = Vec::new();
+        let own = self.identity()?;
+        let mut name = String::from("trust-bundle");
+        for files in std::iter::once(&own).chain(others.iter().copied()) {
+            let pem = std::fs::read(&files.trust_anchors)
+                .context(|| format!("reading {}", files.trust_anchors.display()))?;
+            bundle.extend_from_slice(&pem);
+            if !bundle.ends_with(b"\n") {
+                bundle.push(b'\n');
+            }
+            name.push('-');
+            name.push_str(&files.trust_domain);
+        }
+        let path = self.tmp_dir().join(format!("{name}.pem"));
+        std::fs::write(&path, &bundle).context(|| format!("writing {}", path.display()))?;
+        set_mode(&path, 0o644)?;
+        Ok(path)
     }
 
     /// Starts `weft-control --source dir:<manifests> --identity <identity> --listen
@@ -132,13 +152,19 @@ impl Cluster {
             .context(|| format!("writing {}", token_file.display()))?;
         set_mode(&token_file, 0o644)?;
         self.manifests().ensure_namespace(&spec.namespace)?;
-        self.manifests().pod(
+        let annotations: Vec<(&str, &str)> = spec
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.manifests().annotated_pod(
             &spec.namespace,
             &spec.name,
             pod.ip(),
             &spec.service_account,
             true,
             Some(&token),
+            &annotations,
         )?;
         pod.run_ok(
             Cmd::new(bin("weft-proxy")?)
@@ -179,7 +205,7 @@ impl Cluster {
 }
 
 /// What a meshed pod is: name, address, Kubernetes namespace and service account, plus extra
-/// proxy environment and `weft-proxy init` arguments.
+/// proxy environment, `weft-proxy init` arguments and pod annotations.
 #[derive(Debug, Clone)]
 pub struct MeshPodSpec {
     pub name: String,
@@ -188,6 +214,8 @@ pub struct MeshPodSpec {
     pub service_account: String,
     pub env: Vec<(String, String)>,
     pub init_args: Vec<String>,
+    /// Written into the pod's manifest before its proxy starts.
+    pub annotations: Vec<(String, String)>,
 }
 
 impl MeshPodSpec {
@@ -204,7 +232,22 @@ impl MeshPodSpec {
             service_account: service_account.to_string(),
             env: Vec::new(),
             init_args: Vec::new(),
+            annotations: Vec::new(),
         }
+    }
+
+    /// A pod annotation (e.g. `config.weft.io/default-inbound-policy`), in the manifest from
+    /// the start, so the proxy never sees the pod without it.
+    pub fn annotation(mut self, key: &str, value: &str) -> MeshPodSpec {
+        self.annotations.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// The proxy's `WEFT_TRUST_ANCHORS` instead of the cluster's own anchors (e.g. a
+    /// [`Cluster::trust_bundle`] that also trusts another trust domain).
+    pub fn trust_anchors(self, pem_bundle: &Path) -> MeshPodSpec {
+        let value = pem_bundle.display().to_string();
+        self.env("WEFT_TRUST_ANCHORS", &value)
     }
 
     /// An extra proxy environment variable (e.g. `WEFT_SHUTDOWN_GRACE_SECS`).
@@ -307,6 +350,49 @@ impl Deref for MeshPod {
 
     fn deref(&self) -> &Pod {
         &self.pod
+    }
+}
+
+/// Runs the real `weft identity --trust-domain <trust_domain> --out <dir>`.
+fn generate_identity(dir: &Path, trust_domain: &str) -> Result<IdentityFiles> {
+    let weft = bin("weft")?;
+    let output = Command::new(&weft)
+        .arg("identity")
+        .arg("--trust-domain")
+        .arg(trust_domain)
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .context(|| format!("running {} identity", weft.display()))?;
+    if !output.status.success() {
+        return Err(HarnessError::CommandFailed {
+            command: format!(
+                "weft identity --trust-domain {trust_domain} --out {}",
+                dir.display()
+            ),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    let files = identity_files(dir, trust_domain);
+    for path in [&files.trust_anchors, &files.issuer, &files.issuer_key] {
+        if !path.is_file() {
+            return Err(HarnessError::invalid(
+                "weft identity output",
+                format!("{} was not written", path.display()),
+            ));
+        }
+    }
+    Ok(files)
+}
+
+fn identity_files(dir: &Path, trust_domain: &str) -> IdentityFiles {
+    IdentityFiles {
+        trust_domain: trust_domain.to_string(),
+        trust_anchors: dir.join("trust-anchors.pem"),
+        issuer: dir.join("issuer.pem"),
+        issuer_key: dir.join("issuer-key.pem"),
+        dir: dir.to_path_buf(),
     }
 }
 

@@ -3,3 +3,4 @@
 
 pub mod destination;
 pub mod identity;
+pub mod inbound;

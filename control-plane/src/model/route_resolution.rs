@@ -433,6 +433,7 @@ mod tests {
             labels: labels(pod_labels),
             annotations: BTreeMap::new(),
             container_ports: Vec::new(),
+            probes: Vec::new(),
         }
     }
 

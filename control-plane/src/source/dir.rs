@@ -1,5 +1,9 @@
 //! The standalone source: a directory of Kubernetes-shaped YAML manifests, watched for
 //! changes, each change published to the index as a whole new state.
+//!
+//! Bad input never removes good state: a file that does not parse keeps its last good
+//! objects, and an object that became invalid (same kind, namespace and name) keeps its
+//! last valid version until it is fixed or deleted. Both are reported as [`Problem`]s.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,6 +37,10 @@ pub struct DirSource {
     /// Each file's objects from its last successful parse, so that a file caught mid-write
     /// or saved broken keeps contributing what it last said instead of vanishing.
     last_good: BTreeMap<PathBuf, Vec<Object>>,
+    /// Each object's last valid version, by `Kind namespace/name`, so that an edit that
+    /// breaks one object (say a bad regex in a policy) leaves its previous version in force
+    /// rather than dropping it (which could open up what the policy was protecting).
+    last_valid: BTreeMap<String, Object>,
 }
 
 /// The result of one load: the state to publish and what was wrong with the input.
@@ -47,6 +55,7 @@ impl DirSource {
         Self {
             dir: path,
             last_good: BTreeMap::new(),
+            last_valid: BTreeMap::new(),
         }
     }
 
@@ -60,16 +69,23 @@ impl DirSource {
         let files = self.manifest_files()?;
         let mut problems = Vec::new();
         let mut next_good = BTreeMap::new();
+        // Invalid objects found in this load: (file, index into `problems`).
+        let mut invalid = Vec::new();
         for file in files {
             let failure = match read_manifest(&file) {
                 Ok(None) => continue, // deleted between listing and reading
                 Ok(Some(text)) => match parse_documents(&text) {
                     Ok(parsed) => {
-                        problems.extend(parsed.problems.into_iter().map(|problem| Problem {
-                            file: file.clone(),
-                            object: problem.object,
-                            message: problem.message,
-                        }));
+                        for problem in parsed.problems {
+                            if problem.object.is_some() {
+                                invalid.push((file.clone(), problems.len()));
+                            }
+                            problems.push(Problem {
+                                file: file.clone(),
+                                object: problem.object,
+                                message: problem.message,
+                            });
+                        }
                         next_good.insert(file, parsed.objects);
                         continue;
                     }
@@ -94,9 +110,49 @@ impl DirSource {
                 message,
             });
         }
+        self.retain_last_valid(&mut next_good, &mut problems, &invalid);
+        self.last_valid.clear();
+        for object in next_good.values().flatten() {
+            // First in file order, as in `merge`.
+            self.last_valid
+                .entry(object.describe())
+                .or_insert_with(|| object.clone());
+        }
         self.last_good = next_good;
         let state = merge(&self.last_good, &mut problems);
         Ok(LoadReport { state, problems })
+    }
+
+    /// Puts the last valid version of each invalid object back into the file that now holds
+    /// the invalid one, unless a valid object of that identity exists anyway.
+    fn retain_last_valid(
+        &self,
+        files: &mut BTreeMap<PathBuf, Vec<Object>>,
+        problems: &mut [Problem],
+        invalid: &[(PathBuf, usize)],
+    ) {
+        let mut present: BTreeSet<String> =
+            files.values().flatten().map(Object::describe).collect();
+        for (file, at) in invalid {
+            let Some(problem) = problems.get_mut(*at) else {
+                continue;
+            };
+            let Some(described) = problem.object.clone() else {
+                continue;
+            };
+            if present.contains(&described) {
+                continue;
+            }
+            let Some(previous) = self.last_valid.get(&described) else {
+                continue;
+            };
+            problem.message.push_str("; keeping its last valid version");
+            files
+                .entry(file.clone())
+                .or_default()
+                .push(previous.clone());
+            present.insert(described);
+        }
     }
 
     fn manifest_files(&self) -> Result<Vec<PathBuf>, SourceError> {
@@ -213,15 +269,16 @@ fn publish(dir: &Path, index: &Index, report: LoadReport, logged_conflicts: &mut
     }
     *logged_conflicts = conflicts;
     let state = &report.state;
-    let (namespaces, pods, services, traffic_splits, http_routes) = (
+    let (namespaces, pods, services, traffic_splits, http_routes, authorization_policies) = (
         state.namespaces.len(),
         state.pods.len(),
         state.services.len(),
         state.traffic_splits.len(),
         state.http_routes.len(),
+        state.authorization_policies.len(),
     );
     if index.publish(report.state) {
-        tracing::info!(dir = %dir.display(), namespaces, pods, services, traffic_splits, http_routes, problems = report.problems.len(), "published cluster state");
+        tracing::info!(dir = %dir.display(), namespaces, pods, services, traffic_splits, http_routes, authorization_policies, problems = report.problems.len(), "published cluster state");
     }
 }
 
@@ -318,6 +375,12 @@ fn merge(files: &BTreeMap<PathBuf, Vec<Object>>, problems: &mut Vec<Problem>) ->
                     state
                         .http_routes
                         .insert((route.namespace.clone(), route.name.clone()), route.clone());
+                }
+                Object::AuthorizationPolicy(policy) => {
+                    state.authorization_policies.insert(
+                        (policy.namespace.clone(), policy.name.clone()),
+                        policy.clone(),
+                    );
                 }
             }
         }

@@ -8,14 +8,17 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use crate::model::duration::parse_gateway_duration;
+use crate::model::inbound::probe_request_path;
 use crate::model::routes::{
     BackendRef, ParentRef, PathMatch, RouteMatch, RouteRetry, RouteRule, RouteTimeouts,
     SplitBackend, StringMatch, ValueMatch, DEFAULT_RETRY_ATTEMPTS, MAX_BACKEND_WEIGHT,
 };
 use crate::model::{
-    ContainerPort, HttpRoute, InvalidField, Namespace, Pod, Service, ServicePort, TargetPort,
-    TrafficSplit, DEFAULT_SERVICE_ACCOUNT,
+    AuthorizationPolicy, ContainerPort, HttpProbe, HttpRoute, InvalidField, Namespace, Pod,
+    Service, ServicePort, TargetPort, TrafficSplit, DEFAULT_SERVICE_ACCOUNT,
 };
+
+mod authorization;
 
 /// A model object read from a manifest.
 #[derive(Debug, Clone)]
@@ -25,6 +28,7 @@ pub(crate) enum Object {
     Service(Service),
     TrafficSplit(TrafficSplit),
     HttpRoute(HttpRoute),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 impl Object {
@@ -38,6 +42,9 @@ impl Object {
                 format!("TrafficSplit {}/{}", split.namespace, split.name)
             }
             Object::HttpRoute(route) => format!("HTTPRoute {}/{}", route.namespace, route.name),
+            Object::AuthorizationPolicy(policy) => {
+                format!("AuthorizationPolicy {}/{}", policy.namespace, policy.name)
+            }
         }
     }
 }
@@ -136,6 +143,17 @@ fn read_object(document: Value, location: &str, parsed: &mut ParsedFile) {
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
             decode::<HttpRouteManifest>(document).and_then(http_route_from)
         }
+        ("policy.weft.io/v1alpha1", "AuthorizationPolicy") => {
+            decode::<authorization::AuthorizationPolicyManifest>(document)
+                .and_then(authorization::authorization_policy_from)
+        }
+        // Skipping a policy silently would leave open what its author meant to protect.
+        (other, "AuthorizationPolicy") if other.starts_with("policy.weft.io/") => {
+            Err(InvalidField::new(
+                "apiVersion",
+                format!("{other} is not served; use policy.weft.io/v1alpha1"),
+            ))
+        }
         // Kinds weft does not read (yet) are not errors: a scenario directory holds them too.
         _ => return,
     };
@@ -183,8 +201,26 @@ struct PodSpec {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Container {
     ports: Option<Vec<ContainerPortManifest>>,
+    liveness_probe: Option<ProbeManifest>,
+    readiness_probe: Option<ProbeManifest>,
+    startup_probe: Option<ProbeManifest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProbeManifest {
+    http_get: Option<HttpGetManifest>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HttpGetManifest {
+    path: Option<String>,
+    port: Option<IntOrString>,
+    host: Option<String>,
+    scheme: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,7 +322,17 @@ fn pod_from(manifest: PodManifest) -> Result<Object, InvalidField> {
         None => None,
     };
     let mut container_ports = Vec::new();
+    let mut probes = Vec::new();
     for container in spec.and_then(|spec| spec.containers).unwrap_or_default() {
+        for probe in [
+            &container.liveness_probe,
+            &container.readiness_probe,
+            &container.startup_probe,
+        ] {
+            if let Some(http_get) = probe.as_ref().and_then(|probe| probe.http_get.as_ref()) {
+                probes.extend(http_probe_from(http_get)?);
+            }
+        }
         for port in container.ports.unwrap_or_default() {
             let field = "spec.containers[].ports[].containerPort";
             let number = port
@@ -312,9 +358,44 @@ fn pod_from(manifest: PodManifest) -> Result<Object, InvalidField> {
         labels: meta.labels,
         annotations: meta.annotations,
         container_ports,
+        probes,
     };
     pod.validate()?;
     Ok(Object::Pod(pod))
+}
+
+/// `None` for probes the inbound proxy never sees in plaintext: HTTPS ones (the path is
+/// inside TLS) and ones kubelet sends to another host.
+fn http_probe_from(http_get: &HttpGetManifest) -> Result<Option<HttpProbe>, InvalidField> {
+    let field = "spec.containers[].*Probe.httpGet.port";
+    let port = match &http_get.port {
+        None => return Err(InvalidField::new(field, "is required")),
+        Some(IntOrString::Int(number)) => TargetPort::Number(port_number(field, *number)?),
+        Some(IntOrString::String(text))
+            if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            TargetPort::Number(port_number(field, text.parse().unwrap_or(i64::MAX))?)
+        }
+        Some(IntOrString::String(name)) => TargetPort::Name(name.clone()),
+    };
+    let plaintext = match http_get.scheme.as_deref() {
+        None | Some("HTTP") => true,
+        Some("HTTPS") => false,
+        Some(other) => {
+            return Err(InvalidField::new(
+                "spec.containers[].*Probe.httpGet.scheme",
+                format!("{other:?} is not HTTP or HTTPS"),
+            ))
+        }
+    };
+    let own_host = http_get.host.as_deref().is_none_or(str::is_empty);
+    if !plaintext || !own_host {
+        return Ok(None);
+    }
+    Ok(Some(HttpProbe {
+        path: probe_request_path(http_get.path.as_deref().unwrap_or("/")),
+        port,
+    }))
 }
 
 fn service_from(manifest: ServiceManifest) -> Result<Object, InvalidField> {
