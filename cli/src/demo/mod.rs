@@ -6,6 +6,7 @@
 pub mod app;
 mod canary;
 mod netns;
+mod policy;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -134,6 +135,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         canary::services_yaml(NAMESPACE, APP_PORT),
     )?;
     canary::write_split(&manifests, NAMESPACE, canary::PHASES[0])?;
+    std::fs::write(
+        manifests.join("policy.yaml"),
+        policy::policy_yaml(NAMESPACE, APP_PORT),
+    )?;
 
     let prefix = format!("wd{}", std::process::id() % 100_000);
     let mut sb = Sandbox::new(&prefix, &logs)?;
@@ -312,6 +317,21 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     read_table(&node)?.print(table.as_ref(), canary::PHASES[phase]);
     let mut checks = evaluate(&stats, &inbound);
     checks.extend(canary_checks(&phases, phase));
+    println!();
+    let web = canary::WEB_IP;
+    let v1 = policy::web_pod(Ipv4Addr::new(198, 18, 0, 5), APP_PORT);
+    let calls = vec![
+        in_netns(&pod_ns["client"], move || {
+            policy::call("client", SocketAddr::from((web, 80)), "/api/items", 200)
+        })?,
+        in_netns(&pod_ns["client"], move || {
+            policy::call("client", SocketAddr::from((web, 80)), "/admin", 403)
+        })?,
+        in_netns(&pod_ns["legacy"], move || {
+            policy::call("legacy", v1, "/", 403)
+        })?,
+    ];
+    checks.extend(policy::print(&calls));
     println!();
     let mut failed = 0;
     for (ok, what) in &checks {
