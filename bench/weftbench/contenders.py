@@ -163,15 +163,23 @@ class Weft(Contender):
     name = "weft"
     description = ("weft-proxy pair: transparent (iptables), mTLS with certs from weft-control, "
                    "one runtime thread (WEFT_WORKER_THREADS=1), WEFT_LOG=warn")
+    # Every weft variant has its own control plane in the node namespace, so each needs its
+    # own port there.
+    control_port = WEFT_CONTROL_PORT
+
+    def extra_manifests(self):
+        """{file name: YAML} added to the control plane's manifests next to the pods and the
+        Service; none for plain weft."""
+        return {}
 
     def start_proxies(self):
         ctx = self.ctx
-        base = os.path.join(ctx.work_dir, "weft")
+        base = os.path.join(ctx.work_dir, self.name)
         identity = os.path.join(base, "identity")
         manifests = os.path.join(base, "manifests")
         os.makedirs(manifests, exist_ok=True)
         os.chmod(base, 0o755)
-        out = ctx.topo.spawn(ctx.topo.node, "weft-identity", [ctx.bin("weft"), "identity", "--out", identity])
+        out = ctx.topo.spawn(ctx.topo.node, f"{self.name}-identity", [ctx.bin("weft"), "identity", "--out", identity])
         if out.popen.wait(timeout=60) != 0:
             raise BenchError(f"weft identity failed:\n{out.log_tail()}")
         os.chmod(identity, 0o755)
@@ -187,21 +195,23 @@ class Weft(Contender):
             tokens[role] = token_file
             write_yaml(manifests, f"pod-{role}.yaml", pod_yaml(f"weft-{role}", ip, role, token))
         write_yaml(manifests, "service-app.yaml", service_yaml())
+        for file_name, text in self.extra_manifests().items():
+            write_yaml(manifests, file_name, text)
         control = ctx.topo.spawn(
-            ctx.topo.node, "weft-control",
+            ctx.topo.node, f"{self.name}-control",
             [ctx.bin("weft-control"), "--source", f"dir:{manifests}", "--identity", identity,
-             "--listen", f"{NODE_IP}:{WEFT_CONTROL_PORT}"],
+             "--listen", f"{NODE_IP}:{self.control_port}"],
             env={"WEFT_LOG": "warn"})
         self.apps.append(control)
-        wait_until("weft-control to listen", READY_TIMEOUT,
-                   lambda: net.can_connect(ctx.topo.node, NODE_IP, WEFT_CONTROL_PORT),
+        wait_until(f"{self.name} control plane to listen", READY_TIMEOUT,
+                   lambda: net.can_connect(ctx.topo.node, NODE_IP, self.control_port),
                    failed=lambda: None if control.alive() else control.log_tail())
         for role, netns in (("client", self.client_ns), ("server", self.server_ns)):
-            init = ctx.topo.spawn(netns, f"weft-init-{role}", [ctx.bin("weft-proxy"), "init"])
+            init = ctx.topo.spawn(netns, f"{self.name}-init-{role}", [ctx.bin("weft-proxy"), "init"])
             if init.popen.wait(timeout=60) != 0:
                 raise BenchError(f"weft-proxy init ({role}) failed:\n{init.log_tail()}")
             env = {
-                "WEFT_CONTROL_ADDR": f"{NODE_IP}:{WEFT_CONTROL_PORT}",
+                "WEFT_CONTROL_ADDR": f"{NODE_IP}:{self.control_port}",
                 "WEFT_CONTROL_IDENTITY": WEFT_CONTROL_IDENTITY,
                 "WEFT_TRUST_ANCHORS": os.path.join(identity, "trust-anchors.pem"),
                 "WEFT_IDENTITY_TOKEN_FILE": tokens[role],
@@ -213,11 +223,11 @@ class Weft(Contender):
                 "WEFT_WORKER_THREADS": "1",
             }
             self.proxy_procs[role] = ctx.topo.spawn(
-                netns, f"weft-proxy-{role}", [ctx.bin("weft-proxy")], env=env,
+                netns, f"{self.name}-proxy-{role}", [ctx.bin("weft-proxy")], env=env,
                 cpu=ctx.proxy_cpu, uid=WEFT_PROXY_UID)
         for role, ip in (("client", self.client_ip), ("server", self.server_ip)):
             proc = self.proxy_procs[role]
-            wait_until(f"weft {role} proxy to be ready", READY_TIMEOUT,
+            wait_until(f"{self.name} {role} proxy to be ready", READY_TIMEOUT,
                        lambda ip=ip: net.http_get(ctx.topo.node, ip, WEFT_ADMIN_PORT, "/ready")[0] == 200,
                        interval=0.25,
                        failed=lambda proc=proc: None if proc.alive() else proc.log_tail())
@@ -233,12 +243,66 @@ class Weft(Contender):
         # an inbound HTTP request with tls="true"), not around it.
         _, _, body = net.http_get(self.ctx.topo.node, self.server_ip, WEFT_ADMIN_PORT, "/metrics")
         if not MESH_INBOUND_REQUEST.search(body.decode("utf-8", "replace")):
-            raise BenchError("weft: the server proxy counted no inbound mTLS HTTP request "
+            raise BenchError(f"{self.name}: the server proxy counted no inbound mTLS HTTP request "
                              "(no weft_http_requests_total{direction=\"inbound\",..,tls=\"true\"} > 0)")
 
 
 MESH_INBOUND_REQUEST = re.compile(
     r'^weft_http_requests_total\{direction="inbound"[^}]*tls="true"[^}]*\} [1-9]', re.MULTILINE)
+
+AUTHZ_POLICY_NAME = "bench-server-allow-get"
+# Time for the server proxy to receive the policy over its Inbound watch after /ready.
+AUTHZ_POLICY_TIMEOUT = 30
+
+
+class WeftAuthz(Weft):
+    """weft with an ALLOW AuthorizationPolicy on the server pod, so every request is checked
+    against a rule (client identity + method + a regex path) instead of the permissive
+    default: what issue 4's "no measurable p99 latency" is measured against."""
+    name = "weft-authz"
+    description = ("weft, plus an AuthorizationPolicy (ALLOW) on the server pod: from "
+                   f"serviceAccounts [{WEFT_NAMESPACE}/client], to GET regex:/.* or GET / "
+                   "(a per-request check with a regex that the benchmark's requests pass)")
+    control_port = WEFT_CONTROL_PORT + 1
+
+    def extra_manifests(self):
+        return {"authz-server.yaml": (
+            "apiVersion: policy.weft.io/v1alpha1\nkind: AuthorizationPolicy\n"
+            f"metadata:\n  name: {AUTHZ_POLICY_NAME}\n  namespace: {WEFT_NAMESPACE}\n"
+            "spec:\n  selector:\n    matchLabels:\n      app: \"weft-server\"\n"
+            "  action: ALLOW\n  rules:\n"
+            f"  - from: [{{serviceAccounts: [\"{WEFT_NAMESPACE}/client\"]}}]\n"
+            "    to: [{methods: [\"GET\"], paths: [\"regex:/.*\"]},\n"
+            "         {methods: [\"GET\"], paths: [\"/\"]}]\n")}
+
+    def allowed_count(self):
+        """The server proxy's weft_inbound_authz_total{decision="allow"} for this policy, summed
+        over its other labels."""
+        status, _, body = net.http_get(self.ctx.topo.node, self.server_ip, WEFT_ADMIN_PORT, "/metrics")
+        if status != 200:
+            raise BenchError(f"{self.name}: server proxy /metrics answered {status}")
+        return sum(float(m.group(1)) for m in AUTHZ_ALLOW.finditer(body.decode("utf-8", "replace")))
+
+    def check(self):
+        host, port = self.target("h1")
+        # The policy reaches the proxy over its Inbound watch, possibly after /ready: wait until
+        # it is in force, which a request outside its rules (POST) shows by being refused.
+        wait_until(f"{self.name}: the server proxy to enforce {AUTHZ_POLICY_NAME} (POST -> 403)",
+                   AUTHZ_POLICY_TIMEOUT,
+                   lambda: net.http_request(self.client_ns, host, port, "POST")[0] == 403,
+                   interval=0.25)
+        before = self.allowed_count()
+        super().check()
+        after = self.allowed_count()
+        if after <= before:
+            raise BenchError(f"{self.name}: the sanity GET passed but the server proxy's "
+                             f"weft_inbound_authz_total{{decision=\"allow\",policy=\"{WEFT_NAMESPACE}/"
+                             f"{AUTHZ_POLICY_NAME}\"}} stayed at {before:g}")
+
+
+AUTHZ_ALLOW = re.compile(
+    r'^weft_inbound_authz_total\{decision="allow",[^}]*policy="' + re.escape(f"{WEFT_NAMESPACE}/{AUTHZ_POLICY_NAME}")
+    + r'"[^}]*\} (\d+(?:\.\d+)?)$', re.MULTILINE)
 
 
 def write_yaml(directory, name, text):
@@ -364,6 +428,6 @@ class Nginx(Pair):
         return [tool("nginx"), "-p", run_dir, "-e", "stderr", "-c", config_path]
 
 
-ALL = {"direct": Direct, "weft": Weft, "haproxy": HAProxy, "nginx": Nginx}
+ALL = {"direct": Direct, "weft": Weft, "weft-authz": WeftAuthz, "haproxy": HAProxy, "nginx": Nginx}
 # Pod addresses: 198.18.0.<octet> (client) and <octet+1> (server).
-OCTETS = {"direct": 10, "weft": 20, "haproxy": 30, "nginx": 40}
+OCTETS = {"direct": 10, "weft": 20, "weft-authz": 24, "haproxy": 30, "nginx": 40}

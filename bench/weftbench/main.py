@@ -78,7 +78,8 @@ def parse_args(argv):
     p.add_argument("--idle-connections", type=int,
                    help="idle connections for the memory-per-connection run (0: skip)")
     p.add_argument("--contenders", default="direct,weft,haproxy,nginx",
-                   help="comma-separated subset of direct,weft,haproxy,nginx (direct is always run)")
+                   help="comma-separated subset of " + ",".join(ct.ALL) + " (direct is always run; "
+                        "weft-authz is weft with an ALLOW AuthorizationPolicy on the server pod)")
     p.add_argument("--proxy-cpu", type=int, default=1, help="CPU every proxy is pinned to")
     p.add_argument("--load-cpu", type=int, default=0, help="CPU of the load generator and the apps")
     p.add_argument("--bin-dir", help="weft release binaries (bench/run passes it)")

@@ -49,14 +49,20 @@ def _read_response(sock):
 
 def http_get(netns, host, port, path="/", timeout=5.0):
     """One keep-alive-less GET from inside `netns`; (status, headers, body)."""
+    return http_request(netns, host, port, "GET", path, timeout)
 
-    def get():
+
+def http_request(netns, host, port, method, path="/", timeout=5.0):
+    """One keep-alive-less request without a body from inside `netns`; (status, headers,
+    body)."""
+
+    def send():
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                         f"Connection: close\r\n\r\n".encode())
+            sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                         f"Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
             return _read_response(sock)
 
-    return in_netns(netns, get)
+    return in_netns(netns, send)
 
 
 def open_idle_connections(netns, host, port, count, timeout=10.0):

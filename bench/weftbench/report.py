@@ -231,6 +231,7 @@ def markdown(results):
             continue
         rows = MAX_ROWS if scenario.endswith("_max") else FIXED_ROWS
         out += ["", f"## {TITLES.get(scenario, scenario)}", "", _table(contenders, rows, block)]
+    out += _authz_section(summary)
     idle = summary["idle_memory_mib"]
     proxied = [c for c in contenders if c != "direct"]
     if idle:
@@ -258,6 +259,32 @@ def markdown(results):
                 "of each proxy divided by the connection count.", "",
                 _table(proxied, rows, block)]
     return "\n".join(out) + "\n"
+
+
+def _authz_section(summary):
+    """Issue 4: what per-request authorization costs, weft-authz next to weft in the same
+    runs (no verdict: on this machine's noise a difference is judged by the min–max spread)."""
+    lines = []
+    for scenario, block in summary["scenarios"].items():
+        if "weft" not in block or "weft-authz" not in block or scenario.endswith("_max"):
+            continue
+        if not lines:
+            lines = ["", "## Authorization cost (issue 4): weft vs weft-authz", "",
+                     "weft-authz is the same pair with an ALLOW AuthorizationPolicy on the server "
+                     "pod (client identity + GET + a `regex:` path checked on every request); "
+                     "weft has none (the permissive default). Median (min–max) over repetitions.", "",
+                     "| scenario | figure | weft | weft-authz | weft-authz − weft (medians) |",
+                     "|---|---|---|---|---|"]
+        for label, key, digits in (("p50 ms", "lat.p50", 3), ("p99 ms", "lat.p99", 3),
+                                   ("p99.9 ms", "lat.p99.9", 3), ("CPU µs/req, server proxy", "cpu.server", 1),
+                                   ("CPU µs/req, pair", "cpu.pair", 1)):
+            a, b = block["weft"].get(key), block["weft-authz"].get(key)
+            if a is None or b is None:
+                continue
+            lines.append(f"| {scenario} | {label} | {_cell(block, 'weft', key, digits, '')} | "
+                         f"{_cell(block, 'weft-authz', key, digits, '')} | "
+                         f"{b['median'] - a['median']:+.{digits}f} |")
+    return lines
 
 
 def _load_note(results):
@@ -291,7 +318,7 @@ def plot(results, out_dir):
             f.write(f"{p} " + " ".join(values) + "\n")
     png = os.path.join(out_dir, "latency.png")
     # One colour per contender; HTTP/1.1 solid, HTTP/2 dashed.
-    colours = {"direct": "#555555", "weft": "#d62728", "haproxy": "#1f77b4", "nginx": "#2ca02c"}
+    colours = {"direct": "#555555", "weft": "#d62728", "weft-authz": "#ff7f0e", "haproxy": "#1f77b4", "nginx": "#2ca02c"}
     plots = ", ".join(
         f"'{data_path}' using {i + 2}:xtic(1) with linespoints lw 2 pt {7 if s == 'h1_1000' else 5} "
         f"dt {1 if s == 'h1_1000' else 2} lc rgb '{colours.get(c, '#000000')}' "

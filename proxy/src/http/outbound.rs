@@ -48,6 +48,16 @@ struct Head {
 }
 
 impl Head {
+    fn into_request(self, body: Body) -> Request<Body> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+
+    /// For a retryable request: every attempt needs its own copy.
     fn to_request(&self, body: Body) -> Request<Body> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
@@ -174,27 +184,33 @@ impl OutboundHttp {
             None => (None, Some(boxed(incoming))),
         };
         // A streamed body that breaks mid-way is the client's fault, not the server's.
-        let (once, body_failed) = match once {
+        let (mut first, body_failed) = match once {
             Some(b) => {
                 let (watched, failed) = body::Watched::new(b);
                 (Some(boxed(watched)), Some(failed))
             }
             None => (None, None),
         };
-        let mut once = once;
+        // Only a replayable request keeps its head for later attempts; the usual single
+        // attempt moves it, headers and all.
+        let (retry_head, mut single) = match (&replay, first.take()) {
+            (Some(_), _) => (Some(head), None),
+            (None, Some(b)) => (None, Some(head.into_request(b))),
+            (None, None) => (None, None),
+        };
         let mut attempt = 1u32;
         loop {
-            let body = match (&replay, once.take()) {
-                (Some(bytes), _) => body::full(bytes.clone()),
-                (None, Some(b)) => b,
-                (None, None) => {
+            let req = match (&retry_head, &replay, single.take()) {
+                (Some(head), Some(bytes), _) => head.to_request(body::full(bytes.clone())),
+                (_, _, Some(req)) => req,
+                _ => {
                     return Err(Failure::Status(
                         StatusCode::BAD_GATEWAY,
                         "request body already sent",
                     ))
                 }
             };
-            let result = self.attempt(route, backend, &head, body).await;
+            let result = self.attempt(route, backend, req).await;
             let retryable = match &result {
                 Ok(rsp) => policy.is_some_and(|p| p.should_retry_status(rsp.status().as_u16())),
                 Err(AttemptError::Send(e)) => e.is_connect() || policy.is_some(),
@@ -247,17 +263,17 @@ impl OutboundHttp {
         &self,
         route: &Route,
         backend: &Backend,
-        head: &Head,
-        body: Body,
+        req: Request<Body>,
     ) -> Result<Response<Body>, AttemptError> {
         let Some(handle) = backend.balancer.pick() else {
             return Err(AttemptError::NoEndpoint);
         };
         let ep = handle.endpoint().clone();
-        let req = match request_for(&ep, head, body) {
+        let req = match request_for(&ep, req) {
             Ok(r) => r,
             Err(_) => {
-                handle.finish(Outcome::Success(Duration::ZERO));
+                // Nothing was sent: the endpoint learns nothing from this attempt.
+                drop(handle);
                 return Err(AttemptError::Send(SendError::Request {
                     addr: ep.addr,
                     source: "request target cannot be rewritten".into(),
@@ -404,10 +420,8 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// The request as this endpoint must receive it.
 fn request_for(
     ep: &Endpoint,
-    head: &Head,
-    body: Body,
+    mut req: Request<Body>,
 ) -> Result<Request<Body>, headers::HeaderError> {
-    let mut req = head.to_request(body);
     if ep.identity.is_some() {
         headers::to_mesh(&mut req)?;
         return Ok(req);
