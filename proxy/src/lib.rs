@@ -18,6 +18,7 @@ pub mod init;
 pub mod metrics;
 pub mod original_dst;
 pub mod outbound;
+pub mod process;
 pub mod run;
 
 /// ALPN protocol spoken on a mesh mTLS connection that carries one opaque TCP stream.

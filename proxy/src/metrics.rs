@@ -312,6 +312,7 @@ impl Metrics {
             "Inbound policy updates refused because they did not compile (the last good one stays)",
             inbound_policy_rejected.clone(),
         );
+        registry.register_collector(Box::new(crate::process::ProcessCollector));
         Arc::new(Metrics {
             registry,
             tcp_open,

@@ -20,6 +20,7 @@ pub mod netns;
 pub mod prereqs;
 pub mod proc;
 pub mod procstat;
+pub mod prometheus;
 pub mod testapp;
 pub mod wait;
 
