@@ -32,7 +32,7 @@ impl ProcessStats {
                 libc::sysconf(libc::_SC_PAGESIZE),
             )
         };
-        parse(&stat, &statm, &boot, ticks as f64, page.into(), open_fds)
+        parse(&stat, &statm, &boot, ticks as f64, page, open_fds)
     }
 }
 
