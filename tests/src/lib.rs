@@ -11,6 +11,7 @@ pub mod grpcapp;
 pub mod h1;
 pub mod http;
 pub mod httpapp;
+pub mod kube;
 pub mod load;
 pub mod manifests;
 pub mod mesh;
