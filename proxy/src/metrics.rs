@@ -363,12 +363,37 @@ impl Metrics {
         self.authz.get_or_create(labels).inc();
     }
 
+    /// Resolves the request counter and latency histogram of one label set, once: callers
+    /// keep the result per backend or per connection so requests skip the lookups.
+    pub fn http_route(&self, labels: RouteLabels) -> RouteMetrics {
+        RouteMetrics {
+            requests: self.http_requests.get_or_create(&labels).clone(),
+            latency: self.http_latency.get_or_create(&labels).clone(),
+            labels,
+        }
+    }
+
     /// Counts a request and returns what its response is recorded with.
     pub fn http_request(self: &Arc<Self>, labels: RouteLabels) -> HttpRequestMetrics {
-        self.http_requests.get_or_create(&labels).inc();
+        self.http_route(labels).request(self)
+    }
+}
+
+/// The per-request metric handles of one label set (see [`Metrics::http_route`]).
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    labels: RouteLabels,
+    requests: Counter,
+    latency: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn request(&self, metrics: &Arc<Metrics>) -> HttpRequestMetrics {
+        self.requests.inc();
         HttpRequestMetrics {
-            metrics: self.clone(),
-            labels,
+            metrics: metrics.clone(),
+            labels: self.labels.clone(),
+            latency: self.latency.clone(),
             started: Instant::now(),
         }
     }
@@ -379,23 +404,13 @@ impl Metrics {
 pub struct HttpRequestMetrics {
     metrics: Arc<Metrics>,
     labels: RouteLabels,
+    latency: Histogram,
     started: Instant,
 }
 
 impl HttpRequestMetrics {
-    pub fn labels(&self) -> &RouteLabels {
-        &self.labels
-    }
-
-    pub fn set_backend(&mut self, backend: Name) {
-        self.labels.dst_backend = backend;
-    }
-
     pub fn response_headers(&self) {
-        self.metrics
-            .http_latency
-            .get_or_create(&self.labels)
-            .observe(self.started.elapsed().as_secs_f64());
+        self.latency.observe(self.started.elapsed().as_secs_f64());
     }
 
     pub fn response_end(&self, status_code: u16, grpc_status: GrpcStatus) {

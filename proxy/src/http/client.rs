@@ -19,6 +19,7 @@ use tokio_rustls::TlsConnector;
 use super::body::Body;
 use crate::connect::{self, ConnectError};
 use crate::discovery::MeshPeer;
+use weft_certs::SpiffeId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -43,18 +44,19 @@ impl SendError {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct H2Key {
-    addr: SocketAddr,
-    /// The identity the server must prove; `None` for plaintext HTTP/2.
-    identity: Option<String>,
+/// One pooled HTTP/2 connection and the identity its server proved (`None`: plaintext).
+/// Keyed by address alone so a lookup allocates nothing; a different identity at the same
+/// address (a recycled pod IP) replaces the connection.
+struct H2Conn {
+    identity: Option<SpiffeId>,
+    sender: SendRequest<Body>,
 }
 
 pub struct Clients {
     mesh_tls: TlsConnector,
     http1: Client<HttpConnector, Body>,
     // Looked up once per request; held only to clone a sender, never across an await.
-    h2: Mutex<HashMap<H2Key, SendRequest<Body>>>,
+    h2: Mutex<HashMap<SocketAddr, H2Conn>>,
     connect_timeout: Duration,
 }
 
@@ -111,17 +113,18 @@ impl Clients {
         addr: SocketAddr,
         peer: Option<&MeshPeer>,
     ) -> Result<SendRequest<Body>, SendError> {
-        let key = H2Key {
-            addr,
-            identity: peer.map(|p| p.id.to_string()),
-        };
-        if let Some(sender) = self.lock().get(&key) {
-            if !sender.is_closed() {
-                return Ok(sender.clone());
+        let wanted = peer.map(|p| &p.id);
+        if let Some(conn) = self.lock().get(&addr) {
+            if conn.identity.as_ref() == wanted && !conn.sender.is_closed() {
+                return Ok(conn.sender.clone());
             }
         }
         let sender = self.connect_h2(addr, peer).await?;
-        self.lock().insert(key, sender.clone());
+        let conn = H2Conn {
+            identity: wanted.cloned(),
+            sender: sender.clone(),
+        };
+        self.lock().insert(addr, conn);
         Ok(sender)
     }
 
@@ -160,7 +163,7 @@ impl Clients {
         Ok(sender)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<H2Key, SendRequest<Body>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, H2Conn>> {
         self.h2
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -18,7 +18,7 @@ use super::headers;
 use crate::authz::{normalize_path, Access, ClientIdentity, Decision, HttpAccess, PortAuthz};
 use crate::connect;
 use crate::metrics::{
-    Direction, GrpcStatus, HttpRequestMetrics, Metrics, Name, RouteLabels, TlsState,
+    Direction, GrpcStatus, HttpRequestMetrics, Metrics, Name, RouteLabels, RouteMetrics, TlsState,
 };
 
 /// gRPC's PERMISSION_DENIED.
@@ -40,7 +40,8 @@ pub struct InboundHttp {
     app_authority: http::uri::Authority,
     pub clients: Arc<Clients>,
     pub metrics: Arc<Metrics>,
-    pub labels: RouteLabels,
+    /// Resolved once per connection: every request on it has the same labels.
+    route_metrics: RouteMetrics,
     authz: PortAuthz,
     client: InboundClient,
     connect_timeout: Duration,
@@ -73,8 +74,8 @@ impl InboundHttp {
             app,
             app_authority,
             clients,
+            route_metrics: metrics.http_route(labels),
             metrics,
-            labels,
             authz,
             client,
             connect_timeout,
@@ -89,7 +90,7 @@ impl InboundHttp {
     }
 
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
-        let metrics = self.metrics.http_request(self.labels.clone());
+        let metrics = self.route_metrics.request(&self.metrics);
         // Read per request: a policy change applies to the next request on this connection.
         let decision = {
             let path = normalize_path(req.uri().path());

@@ -95,18 +95,22 @@ impl OutboundHttp {
                 "route has no backend with weight",
             );
         };
-        let labels = RouteLabels {
-            direction: Direction::Outbound,
-            route: route.name.clone(),
-            dst_service: target.service_label.clone(),
-            dst_backend: backend.name.clone(),
-            tls: if backend.meshed() {
-                TlsState::Mutual
-            } else {
-                TlsState::Plaintext
-            },
-        };
-        let metrics = self.ctx.metrics.http_request(labels);
+        let metrics = backend
+            .metrics
+            .get_or_init(|| {
+                self.ctx.metrics.http_route(RouteLabels {
+                    direction: Direction::Outbound,
+                    route: route.name.clone(),
+                    dst_service: target.service_label.clone(),
+                    dst_backend: backend.name.clone(),
+                    tls: if backend.meshed() {
+                        TlsState::Mutual
+                    } else {
+                        TlsState::Plaintext
+                    },
+                })
+            })
+            .request(&self.ctx.metrics);
         if is_upgrade(&req) {
             return self.upgrade(req, backend, metrics).await;
         }

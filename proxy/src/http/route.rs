@@ -75,6 +75,8 @@ pub struct Backend {
     pub name: Name,
     pub weight: u32,
     pub balancer: Balancer,
+    /// Request metric handles for this backend, resolved on its first request.
+    pub metrics: std::sync::OnceLock<crate::metrics::RouteMetrics>,
 }
 
 #[derive(Debug)]
@@ -212,6 +214,7 @@ impl Route {
                 name: Name::new(&b.name),
                 weight: b.weight,
                 balancer: pool.balancer(parse_endpoints(&b.endpoints)),
+                metrics: Default::default(),
             })
             .collect();
         let retry = route
@@ -236,6 +239,7 @@ impl Route {
                 name: Name::new(backend_name),
                 weight: 1,
                 balancer,
+                metrics: Default::default(),
             }],
             total_weight: 1,
             request_timeout: None,
