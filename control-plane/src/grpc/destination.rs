@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use weft_api::destination::destination_server::Destination as DestinationApi;
 use weft_api::destination::{
@@ -18,7 +17,6 @@ use weft_api::destination::{
 use crate::index::Index;
 use crate::model::routes::{self, StringMatch};
 use crate::model::{Destination, EndpointInfo, ResolvedRetry, ResolvedRoute};
-use crate::tls_server::PeerInfo;
 
 pub struct DestinationService {
     pub index: Arc<Index>,
@@ -35,15 +33,7 @@ impl DestinationApi for DestinationService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<PolicyStream>, Status> {
-        let Some(caller) = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.identity.clone())
-        else {
-            return Err(Status::unauthenticated(
-                "Destination requires mTLS with a workload certificate",
-            ));
-        };
+        let caller = super::caller_identity(&request, "Destination")?;
         let req = request.into_inner();
         if !req.caller_identity.is_empty() && req.caller_identity != caller.to_string() {
             return Err(Status::permission_denied(format!(
@@ -58,27 +48,13 @@ impl DestinationApi for DestinationService {
             ))
         })?;
         tracing::debug!(%caller, %target, "destination watch");
-        let mut updates = self.index.subscribe();
         let trust_domain = self.trust_domain.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut last: Option<Destination> = None;
-            loop {
-                let state = updates.borrow_and_update().clone();
-                let dest = state.resolve(target, &trust_domain);
-                if last.as_ref() != Some(&dest) {
-                    if tx.send(Ok(to_proto(&dest))).await.is_err() {
-                        return;
-                    }
-                    last = Some(dest);
-                }
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    changed = updates.changed() => if changed.is_err() { return },
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = super::watch(
+            &self.index,
+            move |state| Ok(state.resolve(target, &trust_domain)),
+            to_proto,
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

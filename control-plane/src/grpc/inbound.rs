@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use weft_api::inbound::inbound_server::Inbound as InboundApi;
 use weft_api::inbound::{
@@ -18,7 +17,6 @@ use weft_certs::SpiffeId;
 use crate::index::Index;
 use crate::model::authz::{AuthorizationPolicy, PolicyAction};
 use crate::model::{ClusterState, DefaultInboundPolicy, InboundPolicy, InboundProtocol};
-use crate::tls_server::PeerInfo;
 
 pub struct InboundService {
     pub index: Arc<Index>,
@@ -37,15 +35,7 @@ impl InboundApi for InboundService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<PolicyStream>, Status> {
-        let Some(caller) = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.identity.clone())
-        else {
-            return Err(Status::unauthenticated(
-                "Inbound requires mTLS with a workload certificate",
-            ));
-        };
+        let caller = super::caller_identity(&request, "Inbound")?;
         let req = request.into_inner();
         let port = u16::try_from(req.port)
             .ok()
@@ -57,38 +47,23 @@ impl InboundApi for InboundService {
             return Err(Status::invalid_argument("namespace and pod are required"));
         }
         let (namespace, pod) = (req.namespace, req.pod);
-        let mut updates = self.index.subscribe();
-        let first = updates.borrow_and_update().clone();
-        check_caller(&first, &caller, &namespace, &pod, &self.trust_domain)?;
+        check_caller(
+            &self.index.snapshot(),
+            &caller,
+            &namespace,
+            &pod,
+            &self.trust_domain,
+        )?;
         tracing::debug!(%caller, %namespace, %pod, port, "inbound watch");
-
         let (trust_domain, default_policy) = (self.trust_domain.clone(), self.default_policy);
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut last: Option<InboundPolicy> = None;
-            let mut state = first;
-            loop {
-                // The pod may appear, or change service account, while the stream is open.
-                if let Err(status) = check_caller(&state, &caller, &namespace, &pod, &trust_domain)
-                {
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
-                let policy = state.inbound_policy(&namespace, &pod, port, default_policy);
-                if last.as_ref() != Some(&policy) {
-                    if tx.send(Ok(to_proto(&policy, &trust_domain))).await.is_err() {
-                        return;
-                    }
-                    last = Some(policy);
-                }
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    changed = updates.changed() => if changed.is_err() { return },
-                }
-                state = updates.borrow_and_update().clone();
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let td = trust_domain.clone();
+        // The pod may appear, or change service account, while the stream is open.
+        let answer = move |state: &ClusterState| {
+            check_caller(state, &caller, &namespace, &pod, &trust_domain)?;
+            Ok(state.inbound_policy(&namespace, &pod, port, default_policy))
+        };
+        let stream = super::watch(&self.index, answer, move |policy| to_proto(policy, &td));
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
