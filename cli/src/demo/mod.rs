@@ -594,7 +594,7 @@ fn write_manifests(dir: &Path, tokens: &BTreeMap<&str, (PathBuf, String)>) -> an
 fn preflight() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("weft demo needs root: it creates network namespaces and iptables rules (try: sudo weft demo)");
+        bail!("weft demo needs root: it creates network namespaces and iptables rules (run it as root)");
     }
     for tool in ["ip", "setpriv", "iptables-restore"] {
         let found = std::env::var_os("PATH")
