@@ -2,40 +2,17 @@
 //! answers only the pod's own identity, streams the effective policy and sends the new one
 //! within 2 s of a policy file edit; a broken edit changes nothing.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::ServerName;
-use tonic::transport::Channel;
 use tonic::Code;
-use weft_api::identity::identity_client::IdentityClient;
-use weft_api::identity::CertifyRequest;
 use weft_api::inbound::inbound_client::InboundClient;
 use weft_api::inbound::{Action, DefaultPolicy, InboundPolicy, PortProtocol, Source, WatchRequest};
-use weft_certs::{client_config, generate_identity, SpiffeId, TrustAnchors, WorkloadKey};
+use weft_certs::SpiffeId;
 
-struct Control(Child);
+mod common;
 
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
-}
+use common::{certified_channels, replace_manifest, sha256_hex, start_control, write_identity};
 
 /// Namespace `shop` (default deny) with pods `postgres-0` (sa postgres) and `api-0` (sa api),
 /// each with a bootstrap token `<pod>-token`.
@@ -71,104 +48,18 @@ fn policy_yaml(service_account: &str) -> String {
 }
 
 /// Replaces a manifest atomically, as editors and config tools do.
-fn replace_manifest(dir: &Path, name: &str, text: &str) {
-    let temp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&temp, text).unwrap();
-    std::fs::rename(&temp, dir.join(name)).unwrap();
-}
-
 fn setup(dir: &Path) {
-    let generated = generate_identity(
-        "cluster.local",
-        Duration::from_secs(86_400),
-        Duration::from_secs(3_600),
-    )
-    .unwrap();
-    let id = dir.join("identity");
-    std::fs::create_dir_all(&id).unwrap();
-    std::fs::write(id.join("trust-anchors.pem"), &generated.trust_anchors_pem).unwrap();
-    std::fs::write(id.join("issuer.pem"), &generated.issuer_pem).unwrap();
-    std::fs::write(id.join("issuer-key.pem"), &generated.issuer_key_pem).unwrap();
+    write_identity(dir);
     let manifests = dir.join("manifests");
-    std::fs::create_dir_all(&manifests).unwrap();
     std::fs::write(manifests.join("pods.yaml"), pods_yaml()).unwrap();
     std::fs::write(manifests.join("policy.yaml"), policy_yaml("shop/api")).unwrap();
 }
 
-fn start_control(dir: &Path, extra: &[&str]) -> (Control, u16) {
-    let port = free_port();
-    let control = Control(
-        Command::new(env!("CARGO_BIN_EXE_weft-control"))
-            .args([
-                "--source",
-                &format!("dir:{}", dir.join("manifests").display()),
-            ])
-            .args(["--identity", &dir.join("identity").display().to_string()])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(extra)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    (control, port)
-}
-
-struct Clients {
-    /// TLS without a client certificate.
-    plain: Channel,
-    /// mTLS as the pod's identity.
-    mtls: Channel,
-}
-
 /// Certifies as `spiffe://cluster.local/ns/shop/sa/<sa>` with `<pod>-token`, waiting for
 /// the control plane to listen.
-async fn clients(dir: &Path, port: u16, pod: &str, sa: &str) -> Clients {
-    let anchors =
-        TrustAnchors::from_pem(&std::fs::read(dir.join("identity/trust-anchors.pem")).unwrap())
-            .unwrap();
-    let control_name = ServerName::try_from(
-        SpiffeId::parse("spiffe://cluster.local/ns/weft/sa/weft-control")
-            .unwrap()
-            .tls_server_name(),
-    )
-    .unwrap();
-    let addr = format!("127.0.0.1:{port}");
+async fn clients(dir: &Path, port: u16, pod: &str, sa: &str) -> common::Channels {
     let identity = SpiffeId::new("cluster.local", "shop", sa).unwrap();
-    let plain = weft_proxy::control::channel(
-        &addr,
-        control_name.clone(),
-        client_config(&anchors, None, &[b"h2"]).unwrap(),
-    )
-    .unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let cert = loop {
-        let req = CertifyRequest {
-            identity: identity.to_string(),
-            token: format!("{pod}-token").into_bytes(),
-            csr_der: key.csr_der(&identity).unwrap(),
-        };
-        match IdentityClient::new(plain.clone()).certify(req).await {
-            Ok(rsp) => break rsp.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(s) => panic!("certify failed: {s:?}"),
-        }
-    };
-    let store = weft_certs::CertStore::new(identity);
-    let not_after = std::time::UNIX_EPOCH + Duration::from_secs(cert.not_after_unix as u64);
-    store.install(
-        key.certified_key(cert.leaf_der, cert.chain_der).unwrap(),
-        not_after,
-    );
-    let mtls = weft_proxy::control::channel(
-        &addr,
-        control_name,
-        client_config(&anchors, Some(store), &[b"h2"]).unwrap(),
-    )
-    .unwrap();
-    Clients { plain, mtls }
+    certified_channels(dir, port, &identity, format!("{pod}-token").as_bytes()).await
 }
 
 fn watch(pod: &str, port: u32) -> WatchRequest {

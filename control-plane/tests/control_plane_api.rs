@@ -3,54 +3,22 @@
 //! unknown token and a garbage CSR, each with a precise status; Destination requires mTLS
 //! and streams changes of the watched directory.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use tonic::Code;
 use weft_api::identity::identity_client::IdentityClient;
 use weft_api::identity::CertifyRequest;
-use weft_certs::{
-    client_config, generate_identity, spiffe_id_of_cert, SpiffeId, TrustAnchors, WorkloadKey,
-};
+use weft_certs::{client_config, spiffe_id_of_cert, SpiffeId, TrustAnchors, WorkloadKey};
 
-struct Control(Child);
+mod common;
 
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
-}
+use common::{certified_channels, replace_manifest, sha256_hex, start_control, write_identity};
 
 fn write_setup(dir: &Path) {
-    let generated = generate_identity(
-        "cluster.local",
-        Duration::from_secs(86_400),
-        Duration::from_secs(3_600),
-    )
-    .unwrap();
-    let id = dir.join("identity");
-    std::fs::create_dir_all(&id).unwrap();
-    std::fs::write(id.join("trust-anchors.pem"), &generated.trust_anchors_pem).unwrap();
-    std::fs::write(id.join("issuer.pem"), &generated.issuer_pem).unwrap();
-    std::fs::write(id.join("issuer-key.pem"), &generated.issuer_key_pem).unwrap();
+    write_identity(dir);
     let manifests = dir.join("manifests");
-    std::fs::create_dir_all(&manifests).unwrap();
     std::fs::write(
         manifests.join("pods.yaml"),
         format!(
@@ -61,29 +29,12 @@ fn write_setup(dir: &Path) {
     .unwrap();
 }
 
-fn start_control(dir: &Path) -> (Control, u16) {
-    let port = free_port();
-    let control = Control(
-        Command::new(env!("CARGO_BIN_EXE_weft-control"))
-            .args([
-                "--source",
-                &format!("dir:{}", dir.join("manifests").display()),
-            ])
-            .args(["--identity", &dir.join("identity").display().to_string()])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    (control, port)
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn certify_refusals_have_precise_statuses() {
     let dir = std::env::temp_dir().join(format!("weft-certify-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     write_setup(&dir);
-    let (_control, port) = start_control(&dir);
+    let (_control, port) = start_control(&dir, &[]);
     let anchors =
         TrustAnchors::from_pem(&std::fs::read(dir.join("identity/trust-anchors.pem")).unwrap())
             .unwrap();
@@ -210,67 +161,23 @@ async fn destination_requires_mtls_and_streams_changes() {
     let dir = std::env::temp_dir().join(format!("weft-destination-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     write_setup(&dir);
-    let (_control, port) = start_control(&dir);
-    let anchors =
-        TrustAnchors::from_pem(&std::fs::read(dir.join("identity/trust-anchors.pem")).unwrap())
-            .unwrap();
-    let control_name = ServerName::try_from(
-        SpiffeId::parse("spiffe://cluster.local/ns/weft/sa/weft-control")
-            .unwrap()
-            .tls_server_name(),
-    )
-    .unwrap();
-    let addr = format!("127.0.0.1:{port}");
+    let (_control, port) = start_control(&dir, &[]);
     let api = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/api").unwrap();
-
-    // Certify first (no client certificate yet).
-    let plain = weft_proxy::control::channel(
-        &addr,
-        control_name.clone(),
-        client_config(&anchors, None, &[b"h2"]).unwrap(),
-    )
-    .unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let cert = loop {
-        let req = CertifyRequest {
-            identity: api.to_string(),
-            token: b"api-token".to_vec(),
-            csr_der: key.csr_der(&api).unwrap(),
-        };
-        match IdentityClient::new(plain.clone()).certify(req).await {
-            Ok(rsp) => break rsp.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(s) => panic!("certify failed: {s:?}"),
-        }
-    };
+    // Certify first (no client certificate yet), then hold both channels.
+    let channels = certified_channels(&dir, port, &api, b"api-token").await;
     let watch = |target: &str| WatchRequest {
         target: target.to_string(),
         caller_identity: api.to_string(),
     };
 
     // Without a client certificate, Destination refuses.
-    let err = DestinationClient::new(plain)
+    let err = DestinationClient::new(channels.plain)
         .watch(watch("198.18.0.2:8080"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 
-    let store = weft_certs::CertStore::new(api.clone());
-    let not_after = std::time::UNIX_EPOCH + Duration::from_secs(cert.not_after_unix as u64);
-    store.install(
-        key.certified_key(cert.leaf_der, cert.chain_der).unwrap(),
-        not_after,
-    );
-    let mtls = weft_proxy::control::channel(
-        &addr,
-        control_name,
-        client_config(&anchors, Some(store), &[b"h2"]).unwrap(),
-    )
-    .unwrap();
-    let mut client = DestinationClient::new(mtls);
+    let mut client = DestinationClient::new(channels.mtls);
 
     // Claiming to be someone else is refused; a bad target is refused.
     let mut other = watch("198.18.0.2:8080");
@@ -327,52 +234,9 @@ async fn destination_client(
     dir: &Path,
     port: u16,
 ) -> weft_api::destination::destination_client::DestinationClient<tonic::transport::Channel> {
-    let anchors =
-        TrustAnchors::from_pem(&std::fs::read(dir.join("identity/trust-anchors.pem")).unwrap())
-            .unwrap();
-    let control_name = ServerName::try_from(
-        SpiffeId::parse("spiffe://cluster.local/ns/weft/sa/weft-control")
-            .unwrap()
-            .tls_server_name(),
-    )
-    .unwrap();
-    let addr = format!("127.0.0.1:{port}");
     let api = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/api").unwrap();
-    let plain = weft_proxy::control::channel(
-        &addr,
-        control_name.clone(),
-        client_config(&anchors, None, &[b"h2"]).unwrap(),
-    )
-    .unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let cert = loop {
-        let req = CertifyRequest {
-            identity: api.to_string(),
-            token: b"api-token".to_vec(),
-            csr_der: key.csr_der(&api).unwrap(),
-        };
-        match IdentityClient::new(plain.clone()).certify(req).await {
-            Ok(rsp) => break rsp.into_inner(),
-            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(s) => panic!("certify failed: {s:?}"),
-        }
-    };
-    let store = weft_certs::CertStore::new(api);
-    let not_after = std::time::UNIX_EPOCH + Duration::from_secs(cert.not_after_unix as u64);
-    store.install(
-        key.certified_key(cert.leaf_der, cert.chain_der).unwrap(),
-        not_after,
-    );
-    let mtls = weft_proxy::control::channel(
-        &addr,
-        control_name,
-        client_config(&anchors, Some(store), &[b"h2"]).unwrap(),
-    )
-    .unwrap();
-    weft_api::destination::destination_client::DestinationClient::new(mtls)
+    let channels = certified_channels(dir, port, &api, b"api-token").await;
+    weft_api::destination::destination_client::DestinationClient::new(channels.mtls)
 }
 
 const ROUTED_SHOP: &str = "
@@ -393,14 +257,6 @@ fn split_yaml(v1: u32, v2: u32) -> String {
     )
 }
 
-/// Replaces a manifest atomically, as editors and config tools do, so the watcher never
-/// sees a half-written file.
-fn replace_manifest(dir: &Path, name: &str, text: &str) {
-    let temp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&temp, text).unwrap();
-    std::fs::rename(&temp, dir.join(name)).unwrap();
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn route_edits_reach_an_open_destination_stream() {
     use weft_api::destination::{path_match, WatchRequest};
@@ -411,7 +267,7 @@ async fn route_edits_reach_an_open_destination_stream() {
     let manifests = dir.join("manifests");
     std::fs::write(manifests.join("shop.yaml"), ROUTED_SHOP).unwrap();
     std::fs::write(manifests.join("split.yaml"), split_yaml(90, 10)).unwrap();
-    let (_control, port) = start_control(&dir);
+    let (_control, port) = start_control(&dir, &[]);
     let mut client = destination_client(&dir, port).await;
 
     let mut stream = client

@@ -17,12 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::authz::{Access, Authz, ClientIdentity, PortAuthz, Protocol};
+use crate::connect::{self, ConnectError};
 use crate::drain::Drain;
 use crate::forward::{forward, Prefixed};
 use crate::http::client::Clients;
 use crate::http::inbound::{InboundClient, InboundHttp};
 use crate::http::ALPN_H2;
-use crate::metrics::{Direction, Metrics, TcpLabels, TlsState};
+use crate::metrics::{Direction, Metrics, TcpLabels};
 use crate::original_dst::original_dst;
 use crate::ALPN_OPAQUE;
 
@@ -45,13 +46,8 @@ pub enum InboundError {
     Handshake(std::io::Error),
     #[error("mesh TLS handshake timed out")]
     HandshakeTimeout,
-    #[error("connecting to the app on {addr}: {source}")]
-    App {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("connecting to the app on {0}: timed out")]
-    AppTimeout(SocketAddr),
+    #[error("the app: {0}")]
+    App(#[from] ConnectError),
 }
 
 pub struct Inbound {
@@ -158,15 +154,13 @@ impl Inbound {
                 return Ok(());
             }
             let app = self.connect_app(app_addr).await?;
-            let m = self.metrics.tcp_connection(TcpLabels {
-                direction: Direction::Inbound,
-                peer_identity: peer
-                    .identity
+            let m = self.metrics.tcp_connection(TcpLabels::mutual(
+                Direction::Inbound,
+                peer.identity
                     .as_ref()
                     .map(|id| id.uri.0.to_string())
                     .unwrap_or_default(),
-                tls: TlsState::Mutual,
-            });
+            ));
             let _ = forward(tls, app, &m).await;
             return Ok(());
         }
@@ -204,11 +198,9 @@ impl Inbound {
         }
         let io = Prefixed::new(prefix, tcp);
         let app = self.connect_app(app_addr).await?;
-        let m = self.metrics.tcp_connection(TcpLabels {
-            direction: Direction::Inbound,
-            peer_identity: String::new(),
-            tls: TlsState::Plaintext,
-        });
+        let m = self
+            .metrics
+            .tcp_connection(TcpLabels::plaintext(Direction::Inbound));
         let _ = forward(io, app, &m).await;
         Ok(())
     }
@@ -309,14 +301,7 @@ impl Inbound {
     }
 
     async fn connect_app(&self, addr: SocketAddr) -> Result<TcpStream, InboundError> {
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => {
-                let _ = tcp.set_nodelay(true);
-                Ok(tcp)
-            }
-            Ok(Err(source)) => Err(InboundError::App { addr, source }),
-            Err(_) => Err(InboundError::AppTimeout(addr)),
-        }
+        Ok(connect::tcp(addr, self.connect_timeout).await?)
     }
 }
 

@@ -173,6 +173,24 @@ pub struct AuthzLabels {
     pub client_id: Name,
 }
 
+impl TcpLabels {
+    pub fn plaintext(direction: Direction) -> Self {
+        TcpLabels {
+            direction,
+            peer_identity: String::new(),
+            tls: TlsState::Plaintext,
+        }
+    }
+
+    pub fn mutual(direction: Direction, peer_identity: String) -> Self {
+        TcpLabels {
+            direction,
+            peer_identity,
+            tls: TlsState::Mutual,
+        }
+    }
+}
+
 type HistogramFamily = Family<TcpLabels, Histogram, fn() -> Histogram>;
 type LatencyFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 

@@ -16,7 +16,7 @@ use crate::discovery::{Discovery, Endpoint, Target};
 use crate::drain::Drain;
 use crate::forward::{forward, Prefixed};
 use crate::http::outbound::{HttpContext, OutboundHttp};
-use crate::metrics::{Direction, Metrics, TcpLabels, TlsState};
+use crate::metrics::{Direction, Metrics, TcpLabels};
 use crate::original_dst::original_dst;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,11 +89,9 @@ impl Outbound {
         if !target.known {
             // Not in the mesh's view: pass through as the app asked (egress).
             let server = connect::tcp(dst, self.connect_timeout).await?;
-            let m = self.metrics.tcp_connection(TcpLabels {
-                direction: Direction::Outbound,
-                peer_identity: String::new(),
-                tls: TlsState::Plaintext,
-            });
+            let m = self
+                .metrics
+                .tcp_connection(TcpLabels::plaintext(Direction::Outbound));
             let _ = forward(tcp, server, &m).await;
             return Ok(());
         }
@@ -156,20 +154,16 @@ impl Outbound {
             let ep = &target.endpoints[(start + i) % n];
             match self.open(ep).await {
                 Ok(Opened::Mesh(tls, peer)) => {
-                    let m = self.metrics.tcp_connection(TcpLabels {
-                        direction: Direction::Outbound,
-                        peer_identity: peer,
-                        tls: TlsState::Mutual,
-                    });
+                    let m = self
+                        .metrics
+                        .tcp_connection(TcpLabels::mutual(Direction::Outbound, peer));
                     let _ = forward(tcp, tls, &m).await;
                     return Ok(());
                 }
                 Ok(Opened::Plain(server)) => {
-                    let m = self.metrics.tcp_connection(TcpLabels {
-                        direction: Direction::Outbound,
-                        peer_identity: String::new(),
-                        tls: TlsState::Plaintext,
-                    });
+                    let m = self
+                        .metrics
+                        .tcp_connection(TcpLabels::plaintext(Direction::Outbound));
                     let _ = forward(tcp, server, &m).await;
                     return Ok(());
                 }
