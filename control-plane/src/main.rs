@@ -1,5 +1,7 @@
 //! `weft-control`: the control plane. Standalone it reads Kubernetes-shaped YAML from a
-//! directory (`--source dir:<path>`) and serves Identity, Destination and Inbound over TLS.
+//! directory (`--source dir:<path>`); in a cluster it watches the API server (`--source
+//! kube`) and proves workload tokens with TokenReviews. It serves Identity, Destination and
+//! Inbound over TLS.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,17 +20,31 @@ use weft_certs::{server_config, CertStore, ClientAuth, Issuer, SpiffeId, TrustAn
 use weft_control::grpc::destination::DestinationService;
 use weft_control::grpc::identity::IdentityService;
 use weft_control::grpc::inbound::InboundService;
+use weft_control::identity_proof::TokenVerifier;
 use weft_control::index::Index;
 use weft_control::model::DefaultInboundPolicy;
 use weft_control::source::dir::DirSource;
+use weft_control::source::kube::KubeSource;
 use weft_control::tls_server;
 
 #[derive(Parser, Debug)]
 #[command(name = "weft-control", version, about = "weft's control plane")]
 struct Args {
-    /// Where the cluster state comes from: `dir:<path>` (a directory of Kubernetes-shaped YAML, watched).
+    /// Where the cluster state comes from: `dir:<path>` (a directory of Kubernetes-shaped YAML,
+    /// watched) or `kube` (the Kubernetes API: in-cluster config, KUBECONFIG or --kubeconfig).
     #[arg(long)]
     source: String,
+    /// Kubeconfig for `--source kube` / `--token-review` instead of the default lookup.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Prove identity tokens with Kubernetes TokenReviews (audience identity.weft.io) rather
+    /// than bootstrap-token annotations. Always on with `--source kube`.
+    #[arg(long)]
+    token_review: bool,
+    /// With `--source kube`: do not write status conditions on TrafficSplits, HTTPRoutes and
+    /// AuthorizationPolicies (for read-only RBAC).
+    #[arg(long)]
+    no_status: bool,
     /// Directory holding trust-anchors.pem, issuer.pem and issuer-key.pem (see `weft identity`).
     #[arg(long)]
     identity: PathBuf,
@@ -85,11 +101,13 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let Some(dir) = args.source.strip_prefix("dir:") else {
-        bail!(
-            "unsupported --source {:?}: expected dir:<path>",
+    let dir = match (args.source.as_str(), args.source.strip_prefix("dir:")) {
+        ("kube", _) => None,
+        (_, Some(dir)) => Some(dir.to_owned()),
+        _ => bail!(
+            "unsupported --source {:?}: expected dir:<path> or kube",
             args.source
-        );
+        ),
     };
     if args.cert_lifetime_secs < 10 {
         bail!("--cert-lifetime-secs must be at least 10");
@@ -128,20 +146,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let index = Index::new();
-    let mut source = DirSource::new(PathBuf::from(dir));
-    let report = source.load().with_context(|| format!("loading {dir}"))?;
-    for p in &report.problems {
-        tracing::warn!(file = %p.file.display(), object = ?p.object, "{}", p.message);
-    }
-    index.publish(report.state);
-    tokio::spawn({
-        let index = index.clone();
-        async move {
-            if let Err(e) = source.run(index).await {
-                tracing::error!(error = %e, "directory source stopped; serving the last state");
+    let needs_kube = dir.is_none() || args.token_review;
+    let client = if needs_kube {
+        Some(kube_client(args.kubeconfig.as_deref()).await?)
+    } else {
+        None
+    };
+    match (&dir, &client) {
+        (Some(dir), _) => {
+            let mut source = DirSource::new(PathBuf::from(dir));
+            let report = source.load().with_context(|| format!("loading {dir}"))?;
+            for p in &report.problems {
+                tracing::warn!(file = %p.file.display(), object = ?p.object, "{}", p.message);
             }
+            index.publish(report.state);
+            tokio::spawn({
+                let index = index.clone();
+                async move {
+                    if let Err(e) = source.run(index).await {
+                        tracing::error!(error = %e, "directory source stopped; serving the last state");
+                    }
+                }
+            });
         }
-    });
+        (None, Some(client)) => {
+            let source = KubeSource::new(client.clone(), !args.no_status);
+            tokio::spawn({
+                let index = index.clone();
+                async move {
+                    if let Err(e) = source.run(index).await {
+                        tracing::error!(error = %e, "Kubernetes source stopped; serving the last state");
+                    }
+                }
+            });
+        }
+        (None, None) => bail!("--source kube needs a Kubernetes client"),
+    }
+    let verifier = match client {
+        Some(client) => TokenVerifier::TokenReview(client),
+        None => TokenVerifier::Bootstrap(index.clone()),
+    };
 
     let tls = server_config(&anchors, store, ClientAuth::Optional, &[b"h2"])?;
     let listener = TcpListener::bind(args.listen)
@@ -149,7 +193,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(listen = %args.listen, identity = %own_id, source = %args.source, "serving");
     let identity = IdentityService {
-        index: index.clone(),
+        verifier,
         issuer,
         trust_domain: args.trust_domain.clone(),
         lifetime: Duration::from_secs(args.cert_lifetime_secs),
@@ -175,6 +219,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("gRPC server")?;
     Ok(())
+}
+
+/// `--kubeconfig` when given, else kube's default lookup (KUBECONFIG, ~/.kube/config,
+/// in-cluster service account).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding Kubernetes credentials (in-cluster or KUBECONFIG)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 async fn shutdown_signal() {

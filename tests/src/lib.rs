@@ -12,6 +12,7 @@ pub mod h1;
 pub mod http;
 pub mod httpapp;
 pub mod kube;
+pub mod kubelet;
 pub mod load;
 pub mod manifests;
 pub mod mesh;
@@ -24,6 +25,7 @@ pub mod procstat;
 pub mod prometheus;
 pub mod testapp;
 pub mod wait;
+pub mod webhook;
 
 pub use apps::{client_summary, run_client, spawn_client, start_server, ServerKind};
 pub use bins::bin;

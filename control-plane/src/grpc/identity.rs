@@ -1,5 +1,6 @@
-//! `weft.identity.v1.Identity/Certify`: the token proves an identity (via the index);
-//! the CSR must ask for exactly that identity; the issuer signs.
+//! `weft.identity.v1.Identity/Certify`: the token proves an identity (a bootstrap token via
+//! the index, or a ServiceAccount token via a TokenReview: see [`TokenVerifier`]); the CSR
+//! must ask for exactly that identity; the issuer signs.
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -9,12 +10,11 @@ use weft_api::identity::identity_server::Identity;
 use weft_api::identity::{CertifyRequest, CertifyResponse};
 use weft_certs::{CsrError, Issuer};
 
-use crate::index::Index;
-use crate::model::TokenError;
+use crate::identity_proof::{ProofError, TokenVerifier};
 use crate::tls_server::PeerInfo;
 
 pub struct IdentityService {
-    pub index: Arc<Index>,
+    pub verifier: TokenVerifier,
     pub issuer: Arc<Issuer>,
     pub trust_domain: String,
     pub lifetime: Duration,
@@ -37,21 +37,15 @@ impl Identity for IdentityService {
             tracing::warn!(%remote, asked = %req.identity, "certify refused: no identity token");
             return Err(Status::unauthenticated("no identity token in the request"));
         }
-        let proven = match self
-            .index
-            .snapshot()
-            .identity_for_token(&req.token, &self.trust_domain)
-        {
+        let proven = match self.verifier.verify(&req.token, &self.trust_domain).await {
             Ok(id) => id,
-            Err(TokenError::Unknown) => {
-                tracing::warn!(%remote, asked = %req.identity, "certify refused: identity token not recognised");
-                return Err(Status::unauthenticated("identity token not recognised"));
-            }
-            Err(TokenError::Ambiguous) => {
-                tracing::warn!(%remote, asked = %req.identity, "certify refused: token is shared by pods of different identities");
-                return Err(Status::permission_denied(
-                    "identity token is shared by pods with different identities; give each workload its own token",
-                ));
+            Err(e) => {
+                tracing::warn!(%remote, asked = %req.identity, reason = %e, "certify refused");
+                return Err(match e {
+                    ProofError::Unauthenticated(m) => Status::unauthenticated(m),
+                    ProofError::PermissionDenied(m) => Status::permission_denied(m),
+                    ProofError::Unavailable(m) => Status::unavailable(m),
+                });
             }
         };
         if !req.identity.is_empty() && req.identity != proven.to_string() {

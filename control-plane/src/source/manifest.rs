@@ -76,7 +76,7 @@ pub(crate) fn parse_documents(text: &str) -> Result<ParsedFile, serde_yaml_ng::E
     Ok(parsed)
 }
 
-fn read_object(document: Value, location: &str, parsed: &mut ParsedFile) {
+pub(crate) fn read_object(document: Value, location: &str, parsed: &mut ParsedFile) {
     let mut problem = |object: Option<String>, message: String| {
         parsed.problems.push(ObjectProblem {
             object,

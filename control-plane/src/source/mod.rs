@@ -1,7 +1,8 @@
-//! Sources: turn an outside description of the cluster (a directory of YAML manifests today,
-//! the Kubernetes API later) into a [`ClusterState`](crate::model::ClusterState) for the index.
+//! Sources: turn an outside description of the cluster (a directory of YAML manifests, or
+//! the Kubernetes API) into a [`ClusterState`](crate::model::ClusterState) for the index.
 
 pub mod dir;
+pub mod kube;
 mod manifest;
 
 use std::fmt;
