@@ -4,9 +4,10 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context};
+
+use crate::install::pki;
 
 #[derive(clap::Args, Debug)]
 pub struct IdentityArgs {
@@ -16,17 +17,15 @@ pub struct IdentityArgs {
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
     /// Trust anchor lifetime in days.
-    #[arg(long, default_value_t = 3650)]
+    #[arg(long, default_value_t = pki::ANCHOR_DAYS)]
     pub anchor_days: u64,
     /// Issuer lifetime in days.
-    #[arg(long, default_value_t = 365)]
+    #[arg(long, default_value_t = pki::ISSUER_DAYS)]
     pub issuer_days: u64,
     /// Replace files that already exist.
     #[arg(long)]
     pub force: bool,
 }
-
-const DAY: Duration = Duration::from_secs(86_400);
 
 pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
     if args.issuer_days > args.anchor_days {
@@ -38,8 +37,8 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<()> {
     }
     let generated = weft_certs::generate_identity(
         &args.trust_domain,
-        DAY.saturating_mul(args.anchor_days as u32),
-        DAY.saturating_mul(args.issuer_days as u32),
+        pki::days(args.anchor_days),
+        pki::days(args.issuer_days),
     )?;
     write_identity(&args.out, &generated, args.force)?;
     println!(

@@ -198,6 +198,15 @@ mod tests {
             status(true, &[], "system:serviceaccount:shop:web"),
             status(true, &[TOKEN_AUDIENCE], "alice"),
             status(true, &[TOKEN_AUDIENCE], "system:serviceaccount:shop"),
+            status(
+                true,
+                &[TOKEN_AUDIENCE],
+                "system:serviceaccount:shop:web:extra",
+            ),
+            status(true, &[TOKEN_AUDIENCE], "system:serviceaccount::web"),
+            status(true, &[TOKEN_AUDIENCE], "system:serviceaccount:Shop:web"),
+            status(true, &[TOKEN_AUDIENCE], "system:serviceaccount:shop/x:web"),
+            status(true, &[TOKEN_AUDIENCE], ""),
         ];
         for case in cases {
             let err = identity_from_review(case.clone(), "cluster.local").unwrap_err();

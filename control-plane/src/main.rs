@@ -56,8 +56,10 @@ struct Args {
     /// Lifetime of workload certificates, in seconds.
     #[arg(long, default_value_t = 86_400)]
     cert_lifetime_secs: u64,
-    /// Namespace and service account of the control plane's own identity.
-    #[arg(long, default_value = "weft")]
+    /// Namespace and service account of the control plane's own identity. In a cluster the
+    /// install sets WEFT_NAMESPACE from the pod's namespace, which is also the namespace the
+    /// injector names in every proxy's WEFT_CONTROL_IDENTITY: the two must agree.
+    #[arg(long, env = "WEFT_NAMESPACE", default_value = "weft")]
     namespace: String,
     #[arg(long, default_value = "weft-control")]
     service_account: String,

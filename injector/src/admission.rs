@@ -59,7 +59,8 @@ fn bad_request(message: String) -> Reply {
 }
 
 /// Handles one AdmissionReview body. `lookup` fetches the pod's Namespace (the webhook
-/// asks the API server); it is only called when the pod itself does not decide.
+/// asks the API server); it is only called when the pod's own `weft.io/inject` does not
+/// decide, so that such pods neither wait for nor depend on the API server.
 pub async fn handle<F, Fut>(
     body: &[u8],
     settings: &ProxySettings,
@@ -135,18 +136,21 @@ where
         .pointer("/metadata/annotations")
         .and_then(|a| a.get(INJECT_ANNOTATION))
         .is_some();
-    let ns_meta = match lookup(namespace.clone()).await {
-        Ok(meta) => meta,
-        // The pod's own annotation decides without the namespace; otherwise fail closed
-        // rather than start an unmeshed pod in a namespace that may require the mesh.
-        Err(_) if pod_decides => NamespaceMeta {
+    let ns_meta = if pod_decides {
+        NamespaceMeta {
             name: namespace.clone(),
             ..Default::default()
-        },
-        Err(e) => {
-            return deny(format!(
-                "weft-injector could not read namespace {namespace}: {e}"
-            ))
+        }
+    } else {
+        match lookup(namespace.clone()).await {
+            Ok(meta) => meta,
+            // Fail closed rather than start an unmeshed pod in a namespace that may
+            // require the mesh.
+            Err(e) => {
+                return deny(format!(
+                    "weft-injector could not read namespace {namespace}: {e}"
+                ))
+            }
         }
     };
     match plan(

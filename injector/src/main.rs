@@ -15,6 +15,8 @@ use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{Api, Client};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use weft_injector::{admission, NamespaceMeta, ProxyArgs, ProxySettings};
@@ -185,13 +187,13 @@ fn tls_config(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<rustls::ServerCon
         std::fs::read(cert).with_context(|| format!("reading --tls-cert {}", cert.display()))?;
     let key_pem =
         std::fs::read(key).with_context(|| format!("reading --tls-key {}", key.display()))?;
-    let chain = rustls_pemfile::certs(&mut cert_pem.as_slice())
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing {}", cert.display()))?;
     anyhow::ensure!(!chain.is_empty(), "{} holds no certificate", cert.display());
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .with_context(|| format!("parsing {}", key.display()))?
-        .with_context(|| format!("{} holds no private key", key.display()))?;
+    // The error names the file and what is missing, never the key's bytes.
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .with_context(|| format!("{} holds no readable private key", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

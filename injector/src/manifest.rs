@@ -1,6 +1,6 @@
 //! `weft inject`: multi-document YAML in, the same documents out with every pod (template)
-//! injected. Workload kinds get their pod template patched; every other document passes
-//! through. Namespace annotations are unknown offline, so each pod is injected unless it
+//! injected. Workload kinds get their pod template patched (also as items of a `List`, as
+//! `kubectl get -o yaml` prints them); every other document passes through. Namespace annotations are unknown offline, so each pod is injected unless it
 //! says `weft.io/inject: disabled` (or is in an excluded namespace, or is host-network).
 
 use serde::Deserialize;
@@ -77,8 +77,16 @@ pub fn inject_yaml(
         }
         let mut json: Value =
             serde_json::to_value(&yaml).map_err(|source| ManifestError::Json { index, source })?;
-        if let Some(report) = inject_object(&mut json, settings, native_sidecar)? {
-            reports.push(report);
+        // `kubectl get -o yaml` wraps what it prints in a List: inject its items.
+        let is_list = json.get("kind").and_then(Value::as_str) == Some("List");
+        let objects: Vec<&mut Value> = match json.get_mut("items").and_then(Value::as_array_mut) {
+            Some(items) if is_list => items.iter_mut().collect(),
+            _ => vec![&mut json],
+        };
+        for object in objects {
+            if let Some(report) = inject_object(object, settings, native_sidecar)? {
+                reports.push(report);
+            }
         }
         out.push(serde_yaml_ng::to_string(&json).map_err(ManifestError::Write)?);
     }

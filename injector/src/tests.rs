@@ -443,8 +443,21 @@ fn admission_denies_bad_input_with_a_message() {
         .remove(INJECT_ANNOTATION);
     let reply = run_handle(&review(undecided, "Pod"), Err("forbidden".into()));
     assert_eq!(reply.body["response"]["allowed"], false);
-    // ...but a pod that says `enabled` needs no namespace.
-    let reply = run_handle(&review(app_pod(), "Pod"), Err("forbidden".into()));
+    // ...but a pod that says `enabled` needs no namespace: it is not even looked up.
+    let looked_up = std::cell::Cell::new(false);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let reply = rt.block_on(admission::handle(
+        &review(app_pod(), "Pod"),
+        &settings(),
+        true,
+        |_| {
+            looked_up.set(true);
+            async { Err::<NamespaceMeta, String>("forbidden".into()) }
+        },
+    ));
+    assert!(!looked_up.get());
     assert_eq!(reply.body["response"]["allowed"], true);
     assert!(reply.body["response"].get("patch").is_some());
 }
@@ -508,6 +521,19 @@ spec:
     // Injecting the output again changes nothing.
     let (again, _) = manifest::inject_yaml(&out, &settings(), true).unwrap();
     assert_eq!(again, out);
+
+    // `kubectl get -o yaml` output: a List whose items are injected.
+    let list = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Pod, metadata: {name: p}, spec: {containers: [{name: a, image: a}]}}\n- {apiVersion: v1, kind: Service, metadata: {name: s}}\n";
+    let (out, reports) = manifest::inject_yaml(list, &settings(), true).unwrap();
+    let doc: Value = serde_yaml_ng::from_str(&out).unwrap();
+    assert_eq!(doc["kind"], "List");
+    assert_eq!(
+        names(&doc["items"][0]["spec"]["initContainers"]),
+        ["weft-init", "weft-proxy"]
+    );
+    assert_eq!(doc["items"][1]["metadata"]["name"], "s");
+    assert_eq!(reports.len(), 1);
+    assert!(reports[0].injected);
 
     let err = manifest::inject_yaml(
         "kind: Pod\nmetadata: {name: p, annotations: {config.weft.io/skip-inbound-ports: abc}}\nspec: {containers: [{name: a}]}\n",

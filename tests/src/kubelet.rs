@@ -163,18 +163,47 @@ impl KubeletPod {
     }
 }
 
-/// `kubectl get pod <name> -n <ns> -o json`.
-pub fn get_pod(kube: &KubeFixture, namespace: &str, name: &str) -> Result<Value> {
-    let out = kube.kubectl(&["get", "pod", name, "-n", namespace, "-o", "json"])?;
+/// `kubectl <args>`'s stdout, or its stderr as the error.
+pub fn kubectl_stdout(kube: &KubeFixture, args: &[&str]) -> Result<String> {
+    let out = kube.kubectl(args)?;
     if !out.success {
         return Err(HarnessError::CommandFailed {
-            command: format!("kubectl get pod {name} -n {namespace}"),
+            command: format!("kubectl {}", args.join(" ")),
             status: "failed".into(),
             stderr: out.stderr,
         });
     }
-    serde_json::from_str(&out.stdout)
+    Ok(out.stdout)
+}
+
+/// `kubectl get pod <name> -n <ns> -o json`.
+pub fn get_pod(kube: &KubeFixture, namespace: &str, name: &str) -> Result<Value> {
+    let out = kubectl_stdout(kube, &["get", "pod", name, "-n", namespace, "-o", "json"])?;
+    serde_json::from_str(&out)
         .map_err(|e| HarnessError::invalid(format!("pod {namespace}/{name}"), e.to_string()))
+}
+
+/// What a kubelet reports once the pod runs: phase Running, Ready, and `ip` as its podIP.
+pub fn report_running(kube: &KubeFixture, namespace: &str, name: &str, ip: &str) -> Result<()> {
+    let status = serde_json::json!({
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                   "conditions": [{"type": "Ready", "status": "True"}]}
+    });
+    kubectl_stdout(
+        kube,
+        &[
+            "patch",
+            "pod",
+            name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ],
+    )
+    .map(drop)
 }
 
 /// Every container the pod declares, init containers first, as the kubelet orders them.
@@ -276,15 +305,7 @@ pub fn request_token(
         args.extend(["--bound-object-kind", "Pod", "--bound-object-name", name]);
         args.extend(["--bound-object-uid", uid]);
     }
-    let out = kube.kubectl(&args)?;
-    if !out.success {
-        return Err(HarnessError::CommandFailed {
-            command: format!("kubectl {}", args.join(" ")),
-            status: "failed".into(),
-            stderr: out.stderr,
-        });
-    }
-    Ok(out.stdout.trim().to_string())
+    Ok(kubectl_stdout(kube, &args)?.trim().to_string())
 }
 
 /// Options for [`run_pod`].
@@ -308,29 +329,7 @@ pub fn run_pod(
 ) -> Result<KubeletPod> {
     let netns_name = format!("{namespace}-{name}");
     let pod = cluster.add_pod(&netns_name, octet)?;
-    let ip = pod.ip().to_string();
-    let status = serde_json::json!({
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                   "conditions": [{"type": "Ready", "status": "True"}]}
-    });
-    let patched = kube.kubectl(&[
-        "patch",
-        "pod",
-        name,
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &status.to_string(),
-    ])?;
-    if !patched.success {
-        return Err(HarnessError::CommandFailed {
-            command: format!("kubectl patch pod {name} --subresource=status"),
-            status: "failed".into(),
-            stderr: patched.stderr,
-        });
-    }
+    report_running(kube, namespace, name, &pod.ip().to_string())?;
     let spec = get_pod(kube, namespace, name)?;
     let service_account = spec["spec"]["serviceAccountName"]
         .as_str()

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use base64::Engine;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 
 use crate::kube::KubeFixture;
@@ -148,28 +149,6 @@ webhooks:
       operator: NotIn
       values: [kube-system, weft]
 "#,
-        base64_encode(ca_pem.as_bytes())
+        base64::engine::general_purpose::STANDARD.encode(ca_pem.as_bytes())
     )
-}
-
-/// Enough base64 for a caBundle (the tests crate has no base64 dependency).
-fn base64_encode(data: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }

@@ -168,6 +168,65 @@ fn line_with<'a>(output: &'a str, needle: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{output}"))
 }
 
+/// Every API call weft-control and weft-injector make (watch sources, status patches,
+/// TokenReviews; the namespace GET and /version), asked of the API server's RBAC as their
+/// ServiceAccounts, plus a few they must not be able to make.
+fn service_accounts_may_do_what_the_binaries_do(kube: &KubeFixture) {
+    let control = format!("--as=system:serviceaccount:{NS}:weft-control");
+    let injector = format!("--as=system:serviceaccount:{NS}:weft-injector");
+    let mut wanted: Vec<(&str, Vec<&str>, bool)> = Vec::new();
+    for resource in [
+        "namespaces",
+        "pods",
+        "services",
+        "trafficsplits.split.smi-spec.io",
+        "httproutes.gateway.networking.k8s.io",
+        "authorizationpolicies.policy.weft.io",
+    ] {
+        for verb in ["list", "watch"] {
+            wanted.push((&control, vec![verb, resource], true));
+        }
+    }
+    for resource in [
+        "trafficsplits.split.smi-spec.io",
+        "httproutes.gateway.networking.k8s.io",
+        "authorizationpolicies.policy.weft.io",
+    ] {
+        wanted.push((
+            &control,
+            vec!["patch", resource, "--subresource=status"],
+            true,
+        ));
+        wanted.push((&control, vec!["patch", resource], false));
+    }
+    wanted.push((
+        &control,
+        vec!["create", "tokenreviews.authentication.k8s.io"],
+        true,
+    ));
+    wanted.push((&control, vec!["get", "secrets", "-n", NS], false));
+    wanted.push((&injector, vec!["get", "namespaces"], true));
+    wanted.push((&injector, vec!["get", "/version"], true));
+    wanted.push((&injector, vec!["list", "pods"], false));
+    wanted.push((
+        &injector,
+        vec!["create", "tokenreviews.authentication.k8s.io"],
+        false,
+    ));
+    for (who, what, allowed) in wanted {
+        let mut args = vec!["auth", "can-i"];
+        args.extend(&what);
+        args.push(who);
+        let result = kube.kubectl(&args).expect("running kubectl auth can-i");
+        assert_eq!(
+            result.stdout.trim(),
+            if allowed { "yes" } else { "no" },
+            "kubectl {args:?}: {}",
+            result.stderr
+        );
+    }
+}
+
 #[test]
 fn weft_install_applies_and_weft_check_follows_the_cluster_state() {
     let Some(kube) = KubeFixture::start("kube_install_check") else {
@@ -199,6 +258,7 @@ fn weft_install_applies_and_weft_check_follows_the_cluster_state() {
         ],
     );
     assert!(args.contains("--source") && args.contains("kube"), "{args}");
+    service_accounts_may_do_what_the_binaries_do(&kube);
 
     // Nothing runs the pods yet: check says so, and exits 1.
     let run = check(&kube, &[]);

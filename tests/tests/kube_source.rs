@@ -17,6 +17,7 @@ use weft_api::identity::identity_client::IdentityClient;
 use weft_api::identity::{CertifyRequest, CertifyResponse};
 use weft_certs::{client_config, generate_identity, SpiffeId, TrustAnchors, WorkloadKey};
 use weft_e2e::kube::KubeFixture;
+use weft_e2e::kubelet::{report_running, request_token};
 
 const TD: &str = "cluster.local";
 
@@ -95,23 +96,9 @@ fn apply(kube: &KubeFixture, yaml: &str) {
 
 /// A TokenRequest-API token for `sa` in `ns`.
 fn token(kube: &KubeFixture, ns: &str, sa: &str, audience: &str) -> Vec<u8> {
-    kubectl(
-        kube,
-        &[
-            "create",
-            "token",
-            sa,
-            "-n",
-            ns,
-            "--audience",
-            audience,
-            "--duration",
-            "10m",
-        ],
-    )
-    .trim()
-    .as_bytes()
-    .to_vec()
+    request_token(kube, ns, sa, audience, None)
+        .unwrap()
+        .into_bytes()
 }
 
 fn install_crds(kube: &KubeFixture) {
@@ -269,29 +256,9 @@ items:
 - {apiVersion: v1, kind: Service, metadata: {name: web, namespace: shop}, spec: {clusterIP: 10.96.10.10, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}}
 - {apiVersion: v1, kind: Service, metadata: {name: web-v1, namespace: shop}, spec: {clusterIP: 10.96.10.11, selector: {app: web, version: v1}, ports: [{port: 80, targetPort: 8080}]}}
 - {apiVersion: v1, kind: Service, metadata: {name: web-v2, namespace: shop}, spec: {clusterIP: 10.96.10.12, selector: {app: web, version: v2}, ports: [{port: 80, targetPort: 8080}]}}
-- {apiVersion: v1, kind: Pod, metadata: {name: web-v1-0, namespace: shop, labels: {app: web, version: v1}}, spec: {serviceAccountName: web, containers: [{name: app, image: weft/testapp, ports: [{containerPort: 8080}]}]}}
+- {apiVersion: v1, kind: Pod, metadata: {name: web-v1-0, namespace: shop, labels: {app: web, version: v1}, annotations: {weft.io/injected: 'true'}}, spec: {serviceAccountName: web, containers: [{name: app, image: weft/testapp, ports: [{containerPort: 8080}]}]}}
 - {apiVersion: v1, kind: Pod, metadata: {name: web-v2-0, namespace: shop, labels: {app: web, version: v2}}, spec: {serviceAccountName: web, containers: [{name: app, image: weft/testapp, ports: [{containerPort: 8080}]}]}}
 ";
-
-/// What a kubelet would report once the pod runs.
-fn set_pod_ip(kube: &KubeFixture, pod: &str, ip: &str) {
-    let patch =
-        format!(r#"{{"status":{{"podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}],"phase":"Running"}}}}"#);
-    kubectl(
-        kube,
-        &[
-            "patch",
-            "pod",
-            pod,
-            "-n",
-            "shop",
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &patch,
-        ],
-    );
-}
 
 /// The `Accepted` condition weft wrote on `resource/name` (for HTTPRoutes: in its
 /// `status.parents` entry), once it is present and `done` holds.
@@ -356,8 +323,8 @@ fn kube_source_streams_changes_reports_status_and_survives_restart() {
     write_identity(&dir);
     install_crds(&kube);
     apply(&kube, SHOP);
-    set_pod_ip(&kube, "web-v1-0", "10.244.1.1");
-    set_pod_ip(&kube, "web-v2-0", "10.244.1.2");
+    report_running(&kube, "shop", "web-v1-0", "10.244.1.1").unwrap();
+    report_running(&kube, "shop", "web-v2-0", "10.244.1.2").unwrap();
     apply(&kube, &split_yaml("web-split", "web-v2", 90, 10));
 
     let kubeconfig = kube.kubeconfig().display().to_string();
@@ -380,6 +347,25 @@ fn kube_source_streams_changes_reports_status_and_survives_restart() {
         .await;
         assert!(first.known);
         assert_eq!(first.service, "web.shop");
+        // Meshed means injected: web-v1-0 carries the injector's mark, web-v2-0 (in the
+        // same annotated namespace, as a pod created before the annotation) does not.
+        let identities: Vec<(String, String)> = first.routes[0]
+            .backends
+            .iter()
+            .flat_map(|b| &b.endpoints)
+            .map(|e| (e.address.clone(), e.identity.clone()))
+            .collect();
+        assert!(
+            identities.contains(&(
+                "10.244.1.1:8080".into(),
+                "spiffe://cluster.local/ns/shop/sa/web".into()
+            )),
+            "{identities:?}"
+        );
+        assert!(
+            identities.contains(&("10.244.1.2:8080".into(), String::new())),
+            "{identities:?}"
+        );
 
         // A changed split streams to the open watch.
         let applied = Instant::now();

@@ -33,7 +33,8 @@ pub struct CheckArgs {
     #[arg(long, short = 'n', default_value = "weft")]
     pub namespace: String,
     /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
-    #[arg(long, env = "KUBECONFIG")]
+    /// $KUBECONFIG is left to kube's lookup, which also merges a `:`-separated list.
+    #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]

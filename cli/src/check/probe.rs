@@ -6,8 +6,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -38,14 +37,12 @@ pub fn tls_probe(url: &str, ca_pem: &str, timeout: Duration) -> Result<(), Probe
     let port = uri.port_u16().unwrap_or(443);
 
     let mut roots = rustls::RootCertStore::empty();
-    for der in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        let der = der.map_err(|e| ProbeError::CaBundle(e.to_string()))?;
+    let ders = crate::install::pki::parse_pem_certs(ca_pem, "caBundle")
+        .map_err(|e| ProbeError::CaBundle(e.to_string()))?;
+    for der in ders {
         roots
             .add(der)
             .map_err(|e| ProbeError::CaBundle(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(ProbeError::CaBundle("no certificates".into()));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -85,7 +82,8 @@ pub fn tls_probe(url: &str, ca_pem: &str, timeout: Duration) -> Result<(), Probe
 mod tests {
     use super::*;
     use crate::install::pki::generate_webhook_tls;
-    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
     /// A one-connection TLS server on loopback presenting `tls`'s serving certificate.
     fn serve_once(tls: &crate::install::pki::WebhookTls) -> u16 {

@@ -15,9 +15,9 @@ use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 const DAY: Duration = Duration::from_secs(86_400);
-/// The same defaults as `weft identity`.
-const ANCHOR_LIFETIME: Duration = DAY.saturating_mul(3650);
-const ISSUER_LIFETIME: Duration = DAY.saturating_mul(365);
+/// Default lifetimes of a generated mesh identity, here and in `weft identity`.
+pub const ANCHOR_DAYS: u64 = 3650;
+pub const ISSUER_DAYS: u64 = 365;
 /// The webhook CA and serving certificate are not rotated by anything but a new install, so
 /// they live long; `weft check` warns before they run out.
 pub const WEBHOOK_CERT_DAYS: u32 = 3650;
@@ -46,32 +46,22 @@ fn invalid(what: &str, reason: impl std::fmt::Display) -> PkiError {
     }
 }
 
-/// The three PEM documents of a mesh identity.
-#[derive(Clone)]
-pub struct IdentityPem {
-    pub trust_anchors_pem: String,
-    pub issuer_pem: String,
-    pub issuer_key_pem: String,
+/// The three PEM documents of a mesh identity, as `weft identity` writes them (its Debug
+/// elides the key).
+pub type IdentityPem = weft_certs::GeneratedIdentity;
+
+/// `n` days, saturating (a lifetime flag of absurd size means "as long as possible").
+pub fn days(n: u64) -> Duration {
+    DAY.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
 }
 
-impl std::fmt::Debug for IdentityPem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdentityPem")
-            .field("trust_anchors_pem", &self.trust_anchors_pem)
-            .field("issuer_pem", &self.issuer_pem)
-            .field("issuer_key_pem", &"[secret key elided]")
-            .finish()
-    }
-}
-
-/// A fresh anchor + issuer for `trust_domain`, exactly as `weft identity` makes them.
+/// A fresh anchor + issuer for `trust_domain`, with `weft identity`'s default lifetimes.
 pub fn generate_identity(trust_domain: &str) -> Result<IdentityPem, PkiError> {
-    let generated = weft_certs::generate_identity(trust_domain, ANCHOR_LIFETIME, ISSUER_LIFETIME)?;
-    Ok(IdentityPem {
-        trust_anchors_pem: generated.trust_anchors_pem,
-        issuer_pem: generated.issuer_pem,
-        issuer_key_pem: generated.issuer_key_pem,
-    })
+    Ok(weft_certs::generate_identity(
+        trust_domain,
+        days(ANCHOR_DAYS),
+        days(ISSUER_DAYS),
+    )?)
 }
 
 /// Reads `weft identity --out` files, or a cert-manager Certificate's secret written out
@@ -138,7 +128,8 @@ pub struct ChainReport {
     pub anchor: CertInfo,
 }
 
-fn parse_pem_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+/// Every CERTIFICATE block of `pem`; none is an error naming `what`.
+pub fn parse_pem_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let ders = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(what, e))?;

@@ -78,7 +78,7 @@ pub struct Settings {
 }
 
 /// Certificates that go into the objects.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Material {
     pub identity: IdentityPem,
     pub webhook: WebhookTls,
@@ -199,11 +199,9 @@ fn control_cluster_role() -> Value {
         "rules": [
             {"apiGroups": [""], "resources": ["namespaces", "pods", "services"],
              "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-             "verbs": ["get", "list", "watch"]},
             {"apiGroups": crd_groups, "resources": crd_resources,
              "verbs": ["get", "list", "watch"]},
-            {"apiGroups": crd_groups, "resources": statuses, "verbs": ["patch", "update"]},
+            {"apiGroups": crd_groups, "resources": statuses, "verbs": ["patch"]},
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
              "verbs": ["create"]},
         ],
@@ -216,7 +214,7 @@ fn injector_cluster_role() -> Value {
         "kind": "ClusterRole",
         "metadata": cluster_meta(INJECTOR),
         "rules": [
-            {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]},
         ],
     })
 }

@@ -32,15 +32,16 @@ impl Identity for IdentityService {
             .map(|p| p.remote.to_string())
             .unwrap_or_default();
         let req = request.into_inner();
-        // The token itself is never logged: it is a credential.
+        // The token itself is never logged: it is a credential. The requested identity is
+        // the caller's text, logged quoted (`?`) so that it cannot forge log lines.
         if req.token.is_empty() {
-            tracing::warn!(%remote, asked = %req.identity, "certify refused: no identity token");
+            tracing::warn!(%remote, asked = ?req.identity, "certify refused: no identity token");
             return Err(Status::unauthenticated("no identity token in the request"));
         }
         let proven = match self.verifier.verify(&req.token, &self.trust_domain).await {
             Ok(id) => id,
             Err(e) => {
-                tracing::warn!(%remote, asked = %req.identity, reason = %e, "certify refused");
+                tracing::warn!(%remote, asked = ?req.identity, reason = %e, "certify refused");
                 return Err(match e {
                     ProofError::Unauthenticated(m) => Status::unauthenticated(m),
                     ProofError::PermissionDenied(m) => Status::permission_denied(m),
@@ -49,7 +50,7 @@ impl Identity for IdentityService {
             }
         };
         if !req.identity.is_empty() && req.identity != proven.to_string() {
-            tracing::warn!(%remote, asked = %req.identity, %proven, "certify refused: request for another identity");
+            tracing::warn!(%remote, asked = ?req.identity, %proven, "certify refused: request for another identity");
             return Err(Status::permission_denied(format!(
                 "token proves {proven}, not the requested {}",
                 req.identity

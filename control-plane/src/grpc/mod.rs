@@ -28,9 +28,9 @@ pub fn caller_identity<T>(request: &tonic::Request<T>, service: &str) -> Result<
         })
 }
 
-/// A watch stream: sends `answer(state)` now and again whenever a change of the cluster
-/// state changes it (full state each time, never a diff). Ends when the client goes away,
-/// or after sending the error `answer` returns.
+/// A watch stream: sends `answer(state)` once a source has published, and again whenever a
+/// change of the cluster state changes it (full state each time, never a diff). Ends when
+/// the client goes away, or after sending the error `answer` returns.
 pub fn watch<T, M>(
     index: &Arc<Index>,
     mut answer: impl FnMut(&ClusterState) -> Result<T, Status> + Send + 'static,
@@ -41,8 +41,16 @@ where
     M: Send + 'static,
 {
     let mut updates = index.subscribe();
+    let index = index.clone();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
+        // Until the first publish (a Kubernetes source lists every kind first) the index is
+        // empty: answering from it would tell proxies reconnecting to a restarted control
+        // plane that every destination is unknown, i.e. unmeshed.
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = index.wait_until_published() => {}
+        }
         let mut last: Option<T> = None;
         loop {
             let state = updates.borrow_and_update().clone();
@@ -66,4 +74,33 @@ where
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn watches_answer_only_once_a_source_has_published() {
+        let index = Index::new();
+        let mut stream = watch(
+            &index,
+            |state: &ClusterState| Ok(state.services.len()),
+            |count: &usize| *count,
+        );
+        let early = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+        assert!(
+            early.is_err(),
+            "answered from an unpublished index: {early:?}"
+        );
+        index.publish(ClusterState::default());
+        let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("an answer after the publish");
+        assert_eq!(first.map(|r| r.ok()), Some(Some(0)));
+    }
 }

@@ -263,11 +263,9 @@ fn publish(dir: &Path, index: &Index, report: LoadReport, logged_conflicts: &mut
             "{}", problem.message
         );
     }
-    let conflicts: BTreeSet<String> = report.state.conflicts().into_iter().collect();
-    for conflict in conflicts.difference(logged_conflicts) {
+    for conflict in super::new_conflicts(&report.state, logged_conflicts) {
         tracing::warn!(dir = %dir.display(), "{conflict}");
     }
-    *logged_conflicts = conflicts;
     let state = &report.state;
     let (namespaces, pods, services, traffic_splits, http_routes, authorization_policies) = (
         state.namespaces.len(),

@@ -5,7 +5,8 @@
 //! (an `Accepted` condition in its status).
 //!
 //! Endpoints come from Pods matched by Service selectors, as with the directory source;
-//! EndpointSlices are not read.
+//! EndpointSlices are not read. Unlike a directory, where `weft.io/inject` says which pods
+//! run a proxy, a pod here is meshed only when the injector marked it `weft.io/injected`.
 //!
 //! RBAC: get/list/watch on namespaces, pods, services and the three CRDs; patch on their
 //! `/status` subresources.
@@ -22,9 +23,9 @@ use serde_json::{json, Value as Json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::manifest::{read_object, Object, ParsedFile};
+use super::manifest::{is_mesh_parent, read_object, Object, ParsedFile};
 use crate::index::Index;
-use crate::model::ClusterState;
+use crate::model::{ClusterState, INJECT_ANNOTATION};
 
 /// Quiet time after the last event before rebuilding: a rollout or `kubectl apply -f dir`
 /// arrives as a burst, and one publish per burst is enough.
@@ -33,6 +34,8 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 const MAX_DELAY: Duration = Duration::from_secs(1);
 /// Written to HTTPRoute `status.parents[].controllerName`.
 pub const CONTROLLER_NAME: &str = "weft.io/control-plane";
+/// Set by the injector on every pod it gave a proxy.
+const INJECTED_ANNOTATION: &str = "weft.io/injected";
 /// A status patch that takes longer is given up (and retried on the next rebuild).
 const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -162,7 +165,13 @@ pub struct KubeSource {
     written: BTreeMap<(Kind, Key), Written>,
     /// The problem last logged per object, so that each is logged once while it lasts.
     reported: BTreeMap<(Kind, Key), String>,
+    /// Conflicts between objects (two splits of one Service, a route to a missing port)
+    /// already logged, as the directory source does.
+    logged_conflicts: BTreeSet<String>,
     write_status: bool,
+    /// Kinds whose `/status` RBAC refused a patch: not tried again (a refusal would repeat
+    /// on every rebuild, one API call and one warning per object each time).
+    status_forbidden: BTreeSet<Kind>,
 }
 
 impl KubeSource {
@@ -174,7 +183,9 @@ impl KubeSource {
             last_accepted: BTreeMap::new(),
             written: BTreeMap::new(),
             reported: BTreeMap::new(),
+            logged_conflicts: BTreeSet::new(),
             write_status,
+            status_forbidden: BTreeSet::new(),
         }
     }
 
@@ -233,6 +244,9 @@ impl KubeSource {
                 continue;
             }
             let (state, statuses) = self.build();
+            for conflict in super::new_conflicts(&state, &mut self.logged_conflicts) {
+                tracing::warn!("{conflict}");
+            }
             let counts = (
                 state.namespaces.len(),
                 state.pods.len(),
@@ -328,7 +342,10 @@ impl KubeSource {
                 let read = read_dynamic(kind, object);
                 if !kind.is_crd() {
                     match read {
-                        Ok(object) => insert(&mut state, object),
+                        Ok(read) => {
+                            let read = meshed_by_injection(read);
+                            insert(&mut state, without_ip_once_terminated(read, object))
+                        }
                         Err(message) => {
                             seen.insert((kind, key.clone()));
                             if self.reported.get(&(kind, key.clone())) != Some(&message) {
@@ -415,6 +432,9 @@ impl KubeSource {
 
     async fn write_statuses(&mut self, statuses: Vec<StatusWanted>) {
         for wanted in statuses {
+            if self.status_forbidden.contains(&wanted.kind) {
+                continue;
+            }
             let Some(object) = self
                 .stores
                 .get(&wanted.kind)
@@ -447,6 +467,16 @@ impl KubeSource {
             match patched {
                 Ok(Ok(_)) => {
                     self.written.insert(memo_key, memo);
+                }
+                Ok(Err(::kube::Error::Api(status))) if status.code == 403 => {
+                    tracing::warn!(
+                        kind = wanted.kind.name(),
+                        error = %status,
+                        "not allowed to patch {}/status; {} status conditions are not written until a restart (grant it, or run with --no-status)",
+                        wanted.kind.resource().plural,
+                        wanted.kind.name()
+                    );
+                    self.status_forbidden.insert(wanted.kind);
                 }
                 Ok(Err(e)) => tracing::warn!(
                     kind = wanted.kind.name(),
@@ -497,6 +527,42 @@ fn read_dynamic(kind: Kind, object: &DynamicObject) -> Result<Object, String> {
         .map(|p| p.message.trim_start_matches("object: ").to_owned())
         .next()
         .unwrap_or_else(|| "not readable".to_owned()))
+}
+
+/// In a cluster a pod is meshed when the injector gave it a proxy, not when it or its
+/// namespace asks for one: pods created before their namespace was annotated, host-network
+/// pods and pods the injector skipped have no proxy, and mesh TLS sent to them would fail.
+/// The model decides by `weft.io/inject`, so that is set here from the injector's mark.
+fn meshed_by_injection(object: Object) -> Object {
+    match object {
+        Object::Pod(mut pod) => {
+            let injected =
+                pod.annotations.get(INJECTED_ANNOTATION).map(String::as_str) == Some("true");
+            let value = if injected { "enabled" } else { "disabled" };
+            pod.annotations
+                .insert(INJECT_ANNOTATION.to_owned(), value.to_owned());
+            Object::Pod(pod)
+        }
+        other => other,
+    }
+}
+
+/// A pod that has finished (phase `Succeeded` or `Failed`, e.g. a completed Job kept for
+/// its logs) still shows its old `status.podIP`, which the network hands to new pods: it
+/// must not claim that address (and with it the new pod's traffic and identity).
+fn without_ip_once_terminated(object: Object, raw: &DynamicObject) -> Object {
+    let phase = raw
+        .data
+        .get("status")
+        .and_then(|s| s.get("phase"))
+        .and_then(Json::as_str);
+    match object {
+        Object::Pod(mut pod) if matches!(phase, Some("Succeeded" | "Failed")) => {
+            pod.ip = None;
+            Object::Pod(pod)
+        }
+        other => other,
+    }
 }
 
 fn insert(state: &mut ClusterState, object: Object) {
@@ -623,7 +689,8 @@ fn now() -> Json {
 
 /// The merge patch that makes `object`'s status show `verdict`, or `None` when it already
 /// does. TrafficSplit and AuthorizationPolicy carry `status.conditions`; HTTPRoute carries
-/// one `status.parents` entry per parentRef (Gateway API), other controllers' entries kept.
+/// one `status.parents` entry per Service parentRef (Gateway API), other controllers'
+/// entries kept.
 fn status_patch(
     kind: Kind,
     object: &DynamicObject,
@@ -642,13 +709,27 @@ fn status_patch(
         }
         return Some(json!({ "status": body }));
     }
+    // Gateway parents belong to their gateway controller: an entry from us there would
+    // claim a route we do not serve. A route with no Service parent gets no entry at all.
+    let route_namespace = object.metadata.namespace.as_deref().unwrap_or_default();
+    let text = |r: &Json, key: &str| r.get(key).and_then(Json::as_str).map(str::to_owned);
     let parent_refs: Vec<Json> = object
         .data
         .get("spec")
         .and_then(|s| s.get("parentRefs"))
         .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|r| {
+            is_mesh_parent(
+                text(r, "kind").as_deref(),
+                text(r, "group").as_deref(),
+                text(r, "namespace").as_deref(),
+                route_namespace,
+            )
+        })
         .cloned()
-        .unwrap_or_default();
+        .collect();
     let observed: Vec<Json> = status
         .and_then(|s| s.get("parents"))
         .and_then(Json::as_array)
@@ -759,6 +840,95 @@ mod tests {
         assert!(state.traffic_splits.is_empty());
         assert_eq!(statuses[0].verdict.reason, "UnknownService");
         assert!(statuses[0].verdict.message.contains("web-v9"));
+    }
+
+    #[tokio::test]
+    async fn only_pods_the_injector_marked_are_meshed() {
+        let namespace = dynamic(json!({
+            "metadata": {"name": "shop", "annotations": {"weft.io/inject": "enabled"}}
+        }));
+        let pod = |name: &str, annotations: Json| {
+            dynamic(json!({
+                "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+                "spec": {"containers": [{"name": "app"}]},
+                "status": {"podIP": "10.0.0.1"}
+            }))
+        };
+        let (state, _) = source_with(vec![
+            (Kind::Namespace, namespace),
+            (
+                Kind::Pod,
+                pod("injected", json!({"weft.io/injected": "true"})),
+            ),
+            // Asked for the mesh (here and through its namespace) but has no proxy.
+            (
+                Kind::Pod,
+                pod("predates", json!({"weft.io/inject": "enabled"})),
+            ),
+        ]);
+        let meshed = |name: &str| {
+            let pod = &state.pods[&("shop".to_owned(), name.to_owned())];
+            state.is_meshed(pod)
+        };
+        assert!(meshed("injected"));
+        assert!(!meshed("predates"));
+    }
+
+    #[tokio::test]
+    async fn finished_pods_give_up_their_ip() {
+        let pod = |name: &str, phase: &str| {
+            dynamic(json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"containers": [{"name": "app"}]},
+                "status": {"podIP": "10.0.0.1", "phase": phase}
+            }))
+        };
+        let (state, _) = source_with(vec![
+            (Kind::Pod, pod("job-done", "Succeeded")),
+            (Kind::Pod, pod("job-failed", "Failed")),
+            (Kind::Pod, pod("web", "Running")),
+        ]);
+        let ip = |name: &str| state.pods[&("shop".to_owned(), name.to_owned())].ip;
+        assert_eq!(ip("job-done"), None);
+        assert_eq!(ip("job-failed"), None);
+        assert_eq!(ip("web"), Some("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn http_route_status_covers_service_parents_only() {
+        let verdict = Verdict {
+            accepted: true,
+            reason: "Accepted",
+            message: "HTTPRoute is in force".to_owned(),
+        };
+        let route = |parents: Json| {
+            dynamic(json!({
+                "metadata": {"name": "r", "namespace": "shop", "generation": 1},
+                "spec": {"parentRefs": parents},
+                "status": {"parents": [{
+                    "parentRef": {"name": "gw"},
+                    "controllerName": "example.com/gateway",
+                    "conditions": [],
+                }]}
+            }))
+        };
+        // A Gateway-only route (kind defaults to Gateway) is another controller's business.
+        let gateway_only = route(json!([{"name": "gw"}]));
+        assert_eq!(
+            status_patch(Kind::HttpRoute, &gateway_only, Some(1), &verdict),
+            None
+        );
+        let mixed = route(json!([
+            {"name": "gw"},
+            {"kind": "Service", "group": "", "name": "web"},
+            {"kind": "Service", "group": "", "name": "other", "namespace": "elsewhere"},
+        ]));
+        let patch = status_patch(Kind::HttpRoute, &mixed, Some(1), &verdict).unwrap();
+        let parents = patch["status"]["parents"].as_array().unwrap();
+        assert_eq!(parents.len(), 2, "{parents:?}");
+        assert_eq!(parents[0]["controllerName"], "example.com/gateway");
+        assert_eq!(parents[1]["controllerName"], CONTROLLER_NAME);
+        assert_eq!(parents[1]["parentRef"]["name"], "web");
     }
 
     #[test]

@@ -594,6 +594,21 @@ fn is_core_group(group: Option<&str>) -> bool {
     matches!(group, Some("") | Some("core"))
 }
 
+/// Whether an HTTPRoute parentRef is weft's to serve (and to report status on). Gateway API
+/// defaults a parentRef to a Gateway (group gateway.networking.k8s.io): only an explicit
+/// core Service is a mesh parent. Parents in other namespaces (consumer routes) are not
+/// supported and, like Gateway parents, not ours to judge.
+pub(super) fn is_mesh_parent(
+    kind: Option<&str>,
+    group: Option<&str>,
+    namespace: Option<&str>,
+    route_namespace: &str,
+) -> bool {
+    kind == Some("Service")
+        && is_core_group(group)
+        && namespace.is_none_or(|ns| ns == route_namespace)
+}
+
 fn http_route_from(manifest: HttpRouteManifest) -> Result<Object, InvalidField> {
     let meta = meta_from(manifest.metadata)?;
     let spec = manifest
@@ -601,16 +616,12 @@ fn http_route_from(manifest: HttpRouteManifest) -> Result<Object, InvalidField> 
         .ok_or_else(|| InvalidField::new("spec", "is required"))?;
     let mut parents = Vec::new();
     for (i, parent) in spec.parent_refs.unwrap_or_default().into_iter().enumerate() {
-        // Gateway API defaults a parentRef to a Gateway (group gateway.networking.k8s.io):
-        // only an explicit core Service is a mesh parent. Parents in other namespaces
-        // (consumer routes) are not supported and, like Gateway parents, not ours to judge.
-        let is_service = parent.kind.as_deref() == Some("Service")
-            && is_core_group(parent.group.as_deref())
-            && parent
-                .namespace
-                .as_deref()
-                .is_none_or(|ns| ns == meta.namespace);
-        if !is_service {
+        if !is_mesh_parent(
+            parent.kind.as_deref(),
+            parent.group.as_deref(),
+            parent.namespace.as_deref(),
+            &meta.namespace,
+        ) {
             continue;
         }
         let field = format!("spec.parentRefs[{i}]");

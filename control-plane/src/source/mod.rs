@@ -5,8 +5,11 @@ pub mod dir;
 pub mod kube;
 mod manifest;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::PathBuf;
+
+use crate::model::ClusterState;
 
 /// Failures that stop a source; problems with single objects are [`Problem`]s instead.
 #[derive(Debug, thiserror::Error)]
@@ -47,4 +50,14 @@ impl fmt::Display for Problem {
         }
         write!(f, ": {}", self.message)
     }
+}
+
+/// The conflicts of `state` not yet in `logged` (which then holds exactly the current ones),
+/// so that a source logs each conflict once while it lasts, and again if it comes back,
+/// rather than on every rebuild.
+pub(crate) fn new_conflicts(state: &ClusterState, logged: &mut BTreeSet<String>) -> Vec<String> {
+    let current: BTreeSet<String> = state.conflicts().into_iter().collect();
+    let new = current.difference(logged).cloned().collect();
+    *logged = current;
+    new
 }
