@@ -54,6 +54,9 @@ class Context:
         self.load_cpu = load_cpu
         self.work_dir = work_dir
         self._pki = None
+        # {role: argv prefix} run in front of a weft proxy (bench/weftbench/profile.py runs
+        # one under valgrind); empty for the benchmark.
+        self.wrap = {}
 
     def bin(self, name):
         path = os.path.join(self.bin_dir, name)
@@ -223,11 +226,11 @@ class Weft(Contender):
                 "WEFT_WORKER_THREADS": "1",
             }
             self.proxy_procs[role] = ctx.topo.spawn(
-                netns, f"{self.name}-proxy-{role}", [ctx.bin("weft-proxy")], env=env,
-                cpu=ctx.proxy_cpu, uid=WEFT_PROXY_UID)
+                netns, f"{self.name}-proxy-{role}", ctx.wrap.get(role, []) + [ctx.bin("weft-proxy")],
+                env=env, cpu=ctx.proxy_cpu, uid=WEFT_PROXY_UID)
         for role, ip in (("client", self.client_ip), ("server", self.server_ip)):
             proc = self.proxy_procs[role]
-            wait_until(f"{self.name} {role} proxy to be ready", READY_TIMEOUT,
+            wait_until(f"{self.name} {role} proxy to be ready", READY_TIMEOUT * (5 if ctx.wrap else 1),
                        lambda ip=ip: net.http_get(ctx.topo.node, ip, WEFT_ADMIN_PORT, "/ready")[0] == 200,
                        interval=0.25,
                        failed=lambda proc=proc: None if proc.alive() else proc.log_tail())

@@ -5,8 +5,8 @@ mod check;
 mod demo;
 mod identity;
 mod inject;
-mod stat;
 mod install;
+mod stat;
 
 use clap::{Parser, Subcommand};
 

@@ -1,5 +1,8 @@
 //! The admin server on :7191: liveness, readiness (a certificate is held), Prometheus
-//! metrics, and `POST /shutdown` from loopback (for a pod's preStop or a test).
+//! metrics, the current policy as JSON (`/config`, see [`config_view`]), and
+//! `POST /shutdown` from loopback (for a pod's preStop or a test).
+
+pub mod config_view;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use weft_certs::CertStore;
 
+use self::config_view::ConfigSources;
 use crate::drain::Drain;
 use crate::metrics::Metrics;
 
@@ -24,6 +28,7 @@ pub struct Admin {
     pub drain: Drain,
     /// Set once the inbound and outbound listeners are bound.
     pub listening: AtomicBool,
+    pub config: ConfigSources,
 }
 
 impl Admin {
@@ -81,6 +86,24 @@ impl Admin {
                 );
                 rsp
             }
+            (&Method::GET, "/config") => {
+                // Synchronous: snapshots are cloned and serialised without awaiting.
+                let view = self.config.render(&self.store, &self.metrics);
+                match serde_json::to_vec_pretty(&view) {
+                    Ok(json) => {
+                        let mut rsp = Response::new(Full::new(Bytes::from(json)));
+                        rsp.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        rsp
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "rendering /config failed");
+                        text(StatusCode::INTERNAL_SERVER_ERROR, "rendering failed\n")
+                    }
+                }
+            }
             (&Method::POST, "/shutdown") => {
                 if peer.ip().is_loopback() {
                     tracing::info!("shutdown requested on the admin port");
@@ -93,7 +116,7 @@ impl Admin {
                     )
                 }
             }
-            (_, "/live" | "/ready" | "/metrics" | "/shutdown") => {
+            (_, "/live" | "/ready" | "/metrics" | "/config" | "/shutdown") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),

@@ -10,6 +10,8 @@ use tokio::net::TcpStream;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// An HTTP/1 request line longer than this is not worth proxying as HTTP.
 const MAX_REQUEST_LINE: usize = 8 * 1024;
+/// Read size while detecting; a request head usually arrives in one read.
+const READ_CHUNK: usize = 2048;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -26,11 +28,13 @@ pub async fn detect(
     tcp: &mut TcpStream,
     timeout: Duration,
 ) -> std::io::Result<(Vec<u8>, Protocol)> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 2048];
+    // Read straight into the replay buffer: a stack chunk would live on in every
+    // connection's task, which is sized for its largest state.
+    let mut buf = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let n = match tokio::time::timeout_at(deadline, tcp.read(&mut chunk)).await {
+        buf.reserve(READ_CHUNK);
+        let n = match tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)).await {
             Err(_) if buf.is_empty() => return Ok((buf, Protocol::Silent)),
             Err(_) => return Ok((buf, Protocol::Opaque)),
             Ok(Err(e)) => return Err(e),
@@ -39,7 +43,6 @@ pub async fn detect(
         if n == 0 {
             return Ok((buf, Protocol::Opaque));
         }
-        buf.extend_from_slice(&chunk[..n]);
         if let Some(p) = classify(&buf) {
             return Ok((buf, p));
         }

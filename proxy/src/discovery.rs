@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::ServerName;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use weft_api::destination::destination_client::DestinationClient;
-use weft_api::destination::{OutboundPolicy, WatchRequest};
+use weft_api::destination::{HttpRoute, OutboundPolicy, WatchRequest};
 use weft_certs::SpiffeId;
 
 use crate::http::route::Routes;
@@ -30,6 +30,11 @@ pub struct Target {
     pub service_label: Name,
     /// HTTP routing, built once per update (regexes compiled, balancers carried over).
     pub routes: Routes,
+    /// The control plane's routes without their endpoints, kept for the admin `/config`
+    /// view: the compiled matchers in `routes` cannot be read back.
+    pub route_specs: Vec<HttpRoute>,
+    /// When this answer arrived.
+    pub updated: SystemTime,
 }
 
 /// The latest answer for one destination; cheap to clone, read once per request.
@@ -68,6 +73,8 @@ pub enum DiscoveryError {
 }
 
 type TargetRx = watch::Receiver<Option<Arc<Target>>>;
+/// One destination for the admin view: `None` while its first answer is awaited.
+pub type TargetSnapshot = (SocketAddr, Option<Arc<Target>>);
 
 pub struct Discovery {
     client: DestinationClient<Channel>,
@@ -121,6 +128,32 @@ impl Discovery {
             self.metrics.discovery_failures.inc();
             Err(DiscoveryError::Timeout(addr, self.timeout))
         }
+    }
+
+    /// The targets resolved so far (at most `max`; `None` while a first answer is awaited),
+    /// and whether more were left out. The map lock is held only while cloning the handles.
+    pub fn snapshot(&self, max: usize) -> (Vec<TargetSnapshot>, bool) {
+        let (rxs, more): (Vec<(SocketAddr, TargetRx)>, bool) = {
+            let targets = self
+                .targets
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let rxs = targets
+                .iter()
+                .take(max)
+                .map(|(addr, rx)| (*addr, rx.clone()))
+                .collect();
+            (rxs, targets.len() > max)
+        };
+        let mut out: Vec<_> = rxs
+            .into_iter()
+            .map(|(addr, rx)| {
+                let current = rx.borrow().clone();
+                (addr, current)
+            })
+            .collect();
+        out.sort_by_key(|(addr, _)| *addr);
+        (out, more)
     }
 
     fn start_watch(self: &Arc<Self>, addr: SocketAddr) -> TargetRx {
@@ -182,6 +215,8 @@ impl Target {
             endpoints: Vec::new(),
             service_label: Name::new(""),
             routes: Routes::from_policy(&OutboundPolicy::default(), Vec::new(), None),
+            route_specs: Vec::new(),
+            updated: SystemTime::now(),
         }
     }
 
@@ -192,6 +227,17 @@ impl Target {
         let endpoints = parse_endpoints(&policy.endpoints);
         let service = (!policy.service.is_empty()).then(|| policy.service.clone());
         let routes = Routes::from_policy(&policy, endpoints.clone(), previous.map(|p| &p.routes));
+        let route_specs: Vec<HttpRoute> = policy
+            .routes
+            .into_iter()
+            .map(|mut r| {
+                // The endpoints live on in `routes`; only the rest is kept for the view.
+                for b in &mut r.backends {
+                    b.endpoints = Vec::new();
+                }
+                r
+            })
+            .collect();
         Target {
             known: policy.known,
             opaque: policy.protocol == ProtocolHint::Opaque as i32,
@@ -199,6 +245,8 @@ impl Target {
             service,
             endpoints,
             routes,
+            route_specs,
+            updated: SystemTime::now(),
         }
     }
 }

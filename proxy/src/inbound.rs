@@ -33,6 +33,8 @@ const MAX_DETECT_BYTES: usize = 16 * 1024;
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// TLS record content type "handshake" — the first byte of every ClientHello.
 const TLS_HANDSHAKE: u8 = 0x16;
+/// Read size while detecting: a ClientHello or request head usually arrives in one read.
+const READ_CHUNK: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
@@ -208,11 +210,13 @@ impl Inbound {
     /// Reads until the first bytes tell what the connection is. The bytes read are
     /// returned so they can be replayed.
     async fn detect(&self, tcp: &mut TcpStream) -> Result<(Vec<u8>, Detected), InboundError> {
+        // Read straight into the replay buffer: a stack chunk would live on in every
+        // connection's task, which is sized for its largest state.
         let mut buf = Vec::new();
-        let mut chunk = [0u8; 2048];
         let deadline = tokio::time::Instant::now() + self.detect_timeout;
         loop {
-            let n = match tokio::time::timeout_at(deadline, tcp.read(&mut chunk)).await {
+            buf.reserve(READ_CHUNK);
+            let n = match tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)).await {
                 Err(_) if buf.is_empty() => return Ok((buf, Detected::Silent)),
                 Err(_) => return Ok((buf, Detected::Plaintext)),
                 Ok(Err(e)) => return Err(InboundError::Detect(e)),
@@ -221,7 +225,6 @@ impl Inbound {
             if n == 0 {
                 return Ok((buf, Detected::Plaintext));
             }
-            buf.extend_from_slice(&chunk[..n]);
             match classify(&buf, &self.server_name) {
                 Some(d) => return Ok((buf, d)),
                 None if buf.len() >= MAX_DETECT_BYTES => return Ok((buf, Detected::Plaintext)),
@@ -239,7 +242,6 @@ impl Inbound {
     ) -> Result<crate::detect::Protocol, InboundError> {
         use crate::detect::Protocol;
         let deadline = tokio::time::Instant::now() + self.detect_timeout;
-        let mut chunk = [0u8; 2048];
         loop {
             if let Some(p) = crate::detect::classify(buf) {
                 return Ok(p);
@@ -247,10 +249,11 @@ impl Inbound {
             if buf.len() >= MAX_DETECT_BYTES {
                 return Ok(Protocol::Opaque);
             }
-            match tokio::time::timeout_at(deadline, tcp.read(&mut chunk)).await {
+            buf.reserve(READ_CHUNK);
+            match tokio::time::timeout_at(deadline, tcp.read_buf(buf)).await {
                 Err(_) | Ok(Ok(0)) => return Ok(Protocol::Opaque),
                 Ok(Err(e)) => return Err(InboundError::Detect(e)),
-                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                Ok(Ok(_)) => {}
             }
         }
     }
@@ -276,16 +279,21 @@ impl Inbound {
             peer,
             self.connect_timeout,
         ));
-        let svc = hyper::service::service_fn(move |req| service.clone().serve(req));
         let io = hyper_util::rt::TokioIo::new(io);
         let served = match version {
             HttpVersion::Http2 => {
+                // Boxed: HTTP/2 spawns a task per request, which copies the request's future
+                // whole (several KiB) a few times on the way in; a box costs less.
+                let svc =
+                    hyper::service::service_fn(move |req| Box::pin(service.clone().serve(req)));
                 hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .timer(hyper_util::rt::TokioTimer::new())
                     .serve_connection(io, svc)
                     .await
             }
             HttpVersion::Http1 => {
+                // hyper's HTTP/1 connection keeps each request's future in one place.
+                let svc = hyper::service::service_fn(move |req| service.clone().serve(req));
                 hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))

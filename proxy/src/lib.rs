@@ -20,6 +20,7 @@ pub mod original_dst;
 pub mod outbound;
 pub mod process;
 pub mod run;
+pub mod trace;
 
 /// ALPN protocol spoken on a mesh mTLS connection that carries one opaque TCP stream.
 pub const ALPN_OPAQUE: &[u8] = b"weft.opaque/1";

@@ -23,6 +23,16 @@ struct Cli {
 enum Command {
     /// Install the iptables rules that redirect the pod's TCP traffic to the proxy.
     Init(init::InitArgs),
+    /// Wait until the proxy's admin server answers GET /ready with 200 (the injector's
+    /// post-start hook on clusters without native sidecars).
+    WaitReady {
+        /// Admin port of the proxy on 127.0.0.1.
+        #[arg(long, default_value_t = 7191)]
+        port: u16,
+        /// Give up (exit 1) after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +45,14 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+        Some(Command::WaitReady { port, timeout_secs }) => {
+            if wait_ready(port, std::time::Duration::from_secs(timeout_secs)) {
+                std::process::ExitCode::SUCCESS
+            } else {
+                eprintln!("weft-proxy wait-ready: not ready after {timeout_secs}s");
+                std::process::ExitCode::FAILURE
+            }
+        }
         None => match run_proxy(cli.proxy) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
@@ -74,4 +92,24 @@ fn init_logging(filter: &str, format: LogFormat) {
         LogFormat::Plain => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Polls `GET /ready` on the loopback admin port until it answers 200 or `timeout` passes.
+fn wait_ready(port: u16, timeout: std::time::Duration) -> bool {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + timeout;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let step = std::time::Duration::from_millis(200);
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut tcp) = std::net::TcpStream::connect_timeout(&addr, step) {
+            let _ = tcp.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+            let mut head = [0u8; 16];
+            let asked = tcp.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n");
+            if asked.is_ok() && tcp.read_exact(&mut head).is_ok() && head[8..13] == *b" 200 " {
+                return true;
+            }
+        }
+        std::thread::sleep(step);
+    }
+    false
 }

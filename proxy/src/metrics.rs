@@ -5,7 +5,7 @@
 //! byte counts then go straight to atomics, with no lock on the data path.
 
 use std::fmt::{self, Write};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -212,7 +212,11 @@ pub struct Metrics {
     pub discovery_failures: Counter,
     pub inbound_detect_timeouts: Counter,
     authz: Family<AuthzLabels, Counter>,
+    /// Counters of `authz` already looked up (see [`SeenCounters`]).
+    authz_seen: SeenCounters<AuthzLabels>,
     pub inbound_policy_rejected: Counter,
+    pub trace_spans_exported: Counter,
+    pub trace_spans_dropped: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -330,6 +334,18 @@ impl Metrics {
             "Inbound policy updates refused because they did not compile (the last good one stays)",
             inbound_policy_rejected.clone(),
         );
+        let trace_spans_exported = Counter::default();
+        let trace_spans_dropped = Counter::default();
+        registry.register(
+            "trace_spans_exported",
+            "Spans the trace collector accepted",
+            trace_spans_exported.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped: the queue was full, or the collector failed or refused them",
+            trace_spans_dropped.clone(),
+        );
         registry.register_collector(Box::new(crate::process::ProcessCollector));
         Arc::new(Metrics {
             registry,
@@ -349,7 +365,10 @@ impl Metrics {
             discovery_failures,
             inbound_detect_timeouts,
             authz,
+            authz_seen: SeenCounters::default(),
             inbound_policy_rejected,
+            trace_spans_exported,
+            trace_spans_dropped,
         })
     }
 
@@ -378,40 +397,86 @@ impl Metrics {
 
 impl Metrics {
     pub fn authz_decision(&self, labels: &AuthzLabels) {
-        self.authz.get_or_create(labels).inc();
+        self.authz_seen
+            .get_or_insert(labels, |l| self.authz.get_or_create(l).clone())
+            .inc();
     }
 
     /// Resolves the request counter and latency histogram of one label set, once: callers
     /// keep the result per backend or per connection so requests skip the lookups.
     pub fn http_route(&self, labels: RouteLabels) -> RouteMetrics {
-        RouteMetrics {
+        RouteMetrics(Arc::new(RouteShared {
             requests: self.http_requests.get_or_create(&labels).clone(),
             latency: self.http_latency.get_or_create(&labels).clone(),
+            responses: self.http_responses.clone(),
+            responses_seen: SeenCounters::default(),
             labels,
-        }
+        }))
     }
 
     /// Counts a request and returns what its response is recorded with.
-    pub fn http_request(self: &Arc<Self>, labels: RouteLabels) -> HttpRequestMetrics {
-        self.http_route(labels).request(self)
+    pub fn http_request(&self, labels: RouteLabels) -> HttpRequestMetrics {
+        self.http_route(labels).request()
+    }
+}
+
+/// Counters of a family already looked up, found again by comparing labels (shared `Name`s
+/// compare by pointer) instead of hashing them into the family's map on every request.
+/// Bounded: label sets beyond the first [`SeenCounters::MAX`] are looked up every time.
+struct SeenCounters<L>(RwLock<Vec<(L, Counter)>>);
+
+impl<L> Default for SeenCounters<L> {
+    fn default() -> Self {
+        SeenCounters(RwLock::new(Vec::new()))
+    }
+}
+
+impl<L: PartialEq + Clone> SeenCounters<L> {
+    const MAX: usize = 32;
+
+    fn get_or_insert(&self, labels: &L, lookup: impl FnOnce(&L) -> Counter) -> Counter {
+        let found = {
+            let seen = self.0.read().unwrap_or_else(|p| p.into_inner());
+            seen.iter()
+                .find(|(l, _)| l == labels)
+                .map(|(_, c)| c.clone())
+        };
+        if let Some(counter) = found {
+            return counter;
+        }
+        let counter = lookup(labels);
+        let mut seen = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if seen.len() < Self::MAX && !seen.iter().any(|(l, _)| l == labels) {
+            seen.push((labels.clone(), counter.clone()));
+        }
+        counter
     }
 }
 
 /// The per-request metric handles of one label set (see [`Metrics::http_route`]).
-#[derive(Clone, Debug)]
-pub struct RouteMetrics {
+#[derive(Clone)]
+pub struct RouteMetrics(Arc<RouteShared>);
+
+struct RouteShared {
     labels: RouteLabels,
     requests: Counter,
     latency: Histogram,
+    responses: Family<ResponseLabels, Counter>,
+    /// Response counters of this label set by (status, gRPC status).
+    responses_seen: SeenCounters<(u16, GrpcStatus)>,
+}
+
+impl fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RouteMetrics").field(&self.0.labels).finish()
+    }
 }
 
 impl RouteMetrics {
-    pub fn request(&self, metrics: &Arc<Metrics>) -> HttpRequestMetrics {
-        self.requests.inc();
+    pub fn request(&self) -> HttpRequestMetrics {
+        self.0.requests.inc();
         HttpRequestMetrics {
-            metrics: metrics.clone(),
-            labels: self.labels.clone(),
-            latency: self.latency.clone(),
+            route: self.0.clone(),
             started: Instant::now(),
         }
     }
@@ -420,24 +485,30 @@ impl RouteMetrics {
 /// One request in flight: records latency at response headers and the response (with its
 /// gRPC status, known only at the end of the body) once.
 pub struct HttpRequestMetrics {
-    metrics: Arc<Metrics>,
-    labels: RouteLabels,
-    latency: Histogram,
+    route: Arc<RouteShared>,
     started: Instant,
 }
 
 impl HttpRequestMetrics {
     pub fn response_headers(&self) {
-        self.latency.observe(self.started.elapsed().as_secs_f64());
+        self.route
+            .latency
+            .observe(self.started.elapsed().as_secs_f64());
     }
 
     pub fn response_end(&self, status_code: u16, grpc_status: GrpcStatus) {
-        let labels = ResponseLabels {
-            route: self.labels.clone(),
-            status_code,
-            grpc_status,
-        };
-        self.metrics.http_responses.get_or_create(&labels).inc();
+        let route = &self.route;
+        route
+            .responses_seen
+            .get_or_insert(&(status_code, grpc_status), |_| {
+                let labels = ResponseLabels {
+                    route: route.labels.clone(),
+                    status_code,
+                    grpc_status,
+                };
+                route.responses.get_or_create(&labels).clone()
+            })
+            .inc();
     }
 }
 
@@ -461,6 +532,35 @@ impl Drop for TcpConnMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_are_counted_per_status_through_the_route_cache() {
+        let m = Metrics::new();
+        let route = m.http_route(RouteLabels {
+            direction: Direction::Inbound,
+            route: Name::new("default"),
+            dst_service: Name::new(""),
+            dst_backend: Name::new(""),
+            tls: TlsState::Mutual,
+        });
+        for (status, grpc) in [
+            (200, None),
+            (200, None),
+            (503, None),
+            (200, Some(14)),
+            (200, None),
+        ] {
+            route.request().response_end(status, GrpcStatus(grpc));
+        }
+        let text = m.encode();
+        for (status, grpc, count) in [("200", "", 3), ("503", "", 1), ("200", "14", 1)] {
+            let line = format!(
+                r#"weft_http_responses_total{{status_code="{status}",grpc_status="{grpc}",direction="inbound",route="default",dst_service="",dst_backend="",tls="true"}} {count}"#
+            );
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        assert!(text.contains(r#"weft_http_requests_total{direction="inbound",route="default",dst_service="",dst_backend="",tls="true"} 5"#), "{text}");
+    }
 
     #[test]
     fn connection_metrics_are_exposed_with_labels() {

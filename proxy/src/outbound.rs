@@ -116,9 +116,10 @@ impl Outbound {
                     target: watch,
                     ctx: self.http.clone(),
                 });
-                let svc = hyper::service::service_fn(move |req| service.clone().serve(req));
                 let io = hyper_util::rt::TokioIo::new(io);
                 let served = if protocol == Protocol::Http1 {
+                    // hyper's HTTP/1 connection keeps each request's future in one place.
+                    let svc = hyper::service::service_fn(move |req| service.clone().serve(req));
                     hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(Duration::from_secs(30))
@@ -128,6 +129,9 @@ impl Outbound {
                         .with_upgrades()
                         .await
                 } else {
+                    // Boxed: see `Inbound::serve_http` (a task per HTTP/2 request copies it).
+                    let svc =
+                        hyper::service::service_fn(move |req| Box::pin(service.clone().serve(req)));
                     hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                         .timer(hyper_util::rt::TokioTimer::new())
                         .serve_connection(io, svc)

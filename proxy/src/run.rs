@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use weft_certs::{client_config, server_config, CertStore, ClientAuth, TrustAnchors};
 
+use crate::admin::config_view::ConfigSources;
 use crate::admin::Admin;
 use crate::authz::{Authz, PolicyWatch};
 use crate::config::Settings;
@@ -28,12 +29,18 @@ use crate::{control, ALPN_OPAQUE};
 const ALPN_GRPC: &[u8] = b"h2";
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let anchors_pem = std::fs::read(&settings.trust_anchors)
-        .with_context(|| format!("reading trust anchors {}", settings.trust_anchors.display()))?;
+    let anchors_source = settings.trust_anchors.describe();
+    let anchors_pem = settings
+        .trust_anchors
+        .read()
+        .with_context(|| format!("reading trust anchors {anchors_source}"))?;
     let anchors = TrustAnchors::from_pem(&anchors_pem)
-        .with_context(|| format!("parsing trust anchors {}", settings.trust_anchors.display()))?;
+        .with_context(|| format!("parsing trust anchors {anchors_source}"))?;
     let store = CertStore::new(settings.identity.clone());
     let metrics = Metrics::new();
+    if let Some(trace) = &settings.trace {
+        crate::trace::install(trace, &settings, &metrics).context("starting trace export")?;
+    }
     let drain = Drain::new();
 
     let admin_listener = TcpListener::bind(settings.admin_addr)
@@ -44,6 +51,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         drain: drain.clone(),
         listening: AtomicBool::new(false),
+        config: ConfigSources::new(&settings.control_addr),
     });
     tokio::spawn(admin.clone().serve(admin_listener));
 
@@ -91,14 +99,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         // The control plane looks inbound policy up by pod; without a name it cannot answer.
         tracing::warn!("WEFT_POD_NAME is not set: no inbound policy can be fetched, so inbound connections will be refused");
     }
+    let policy_watch = PolicyWatch::new(
+        discovery_channel.clone(),
+        settings.identity.namespace(),
+        &settings.pod_name,
+        settings.identity.trust_domain(),
+        metrics.clone(),
+    );
     let authz = Authz::new(
-        PolicyWatch::new(
-            discovery_channel.clone(),
-            settings.identity.namespace(),
-            &settings.pod_name,
-            settings.identity.trust_domain(),
-            metrics.clone(),
-        ),
+        policy_watch.clone(),
         metrics.clone(),
         settings.discovery_timeout,
     );
@@ -108,6 +117,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         settings.discovery_timeout,
         metrics.clone(),
     );
+    admin.config.attach(discovery.clone(), policy_watch);
     let opaque_tls = TlsConnector::from(client_config(
         &anchors,
         Some(store.clone()),

@@ -19,6 +19,7 @@ pub mod mesh;
 pub mod meshtls;
 pub mod metrics;
 pub mod netns;
+pub mod otlp;
 pub mod prereqs;
 pub mod proc;
 pub mod procstat;

@@ -3,13 +3,15 @@
 //! does not compile is refused and the last good policy stays. Streams reconnect with
 //! backoff and the last policy is kept while the control plane is away.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use weft_api::inbound::inbound_client::InboundClient;
-use weft_api::inbound::WatchRequest;
+use weft_api::inbound::{InboundPolicy, WatchRequest};
 
 use super::policy::PortPolicy;
 use crate::identity::Backoff;
@@ -25,6 +27,28 @@ pub struct PolicyWatch {
     /// Stands in for an empty trust domain in an answer.
     local_trust_domain: String,
     metrics: Arc<Metrics>,
+    /// What each watched port enforces, for the admin `/config` view. Written on policy
+    /// updates and read by that view only, never per connection.
+    ports: Mutex<BTreeMap<u16, PortSnapshot>>,
+    /// Tells a port's replacement watch from the one it replaced (after an eviction).
+    generations: AtomicU64,
+}
+
+/// One watched port as the admin view sees it.
+#[derive(Clone)]
+pub struct PortSnapshot {
+    pub port: u16,
+    /// What is enforced; `None` until the first answer.
+    pub policy: Option<Arc<PortPolicy>>,
+    /// The answer `policy` was compiled from (`None` when nothing compiled yet): the
+    /// compiled form cannot be printed back (identity patterns are split, regexes compiled).
+    pub source: Option<Arc<InboundPolicy>>,
+    /// When `policy` last changed.
+    pub updated: Option<SystemTime>,
+    /// Updates refused because they did not compile, and the latest reason.
+    pub rejected: u64,
+    pub last_error: Option<String>,
+    pub(crate) generation: u64,
 }
 
 impl PolicyWatch {
@@ -41,18 +65,69 @@ impl PolicyWatch {
             pod: pod.to_string(),
             local_trust_domain: local_trust_domain.to_string(),
             metrics,
+            ports: Mutex::new(BTreeMap::new()),
+            generations: AtomicU64::new(0),
         })
     }
 
     /// Starts watching `port`; the task ends when every receiver is gone.
     pub fn start(self: &Arc<Self>, port: u16) -> PolicyRx {
         let (tx, rx) = watch::channel(None);
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+        self.snapshots().insert(
+            port,
+            PortSnapshot {
+                port,
+                policy: None,
+                source: None,
+                updated: None,
+                rejected: 0,
+                last_error: None,
+                generation,
+            },
+        );
         let this = self.clone();
-        tokio::spawn(async move { this.run(port, tx).await });
+        tokio::spawn(async move {
+            this.clone().run(port, generation, tx).await;
+            let mut ports = this.snapshots();
+            if ports.get(&port).is_some_and(|p| p.generation == generation) {
+                ports.remove(&port);
+            }
+        });
         rx
     }
 
-    async fn run(self: Arc<Self>, port: u16, tx: watch::Sender<Option<Arc<PortPolicy>>>) {
+    /// The watched ports in order (at most `max`) and whether more were left out.
+    pub fn snapshot(&self, max: usize) -> (Vec<PortSnapshot>, bool) {
+        let ports = self.snapshots();
+        (
+            ports.values().take(max).cloned().collect(),
+            ports.len() > max,
+        )
+    }
+
+    fn snapshots(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, PortSnapshot>> {
+        self.ports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records what `port`'s watch of `generation` now enforces, unless a newer watch of
+    /// the port has taken over.
+    fn record(&self, port: u16, generation: u64, update: impl FnOnce(&mut PortSnapshot)) {
+        if let Some(p) = self.snapshots().get_mut(&port) {
+            if p.generation == generation {
+                update(p);
+            }
+        }
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        port: u16,
+        generation: u64,
+        tx: watch::Sender<Option<Arc<PortPolicy>>>,
+    ) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut client = self.client.clone();
         loop {
@@ -77,7 +152,7 @@ impl PolicyWatch {
                             Ok(Some(msg)) => {
                                 backoff.reset();
                                 self.metrics.control_plane_connected.set(1);
-                                self.publish(port, &msg, &tx);
+                                self.publish(port, generation, &msg, &tx);
                             }
                             Ok(None) => {
                                 tracing::debug!(port, "inbound policy stream ended");
@@ -105,7 +180,8 @@ impl PolicyWatch {
     fn publish(
         &self,
         port: u16,
-        msg: &weft_api::inbound::InboundPolicy,
+        generation: u64,
+        msg: &InboundPolicy,
         tx: &watch::Sender<Option<Arc<PortPolicy>>>,
     ) {
         match PortPolicy::compile(msg, &self.local_trust_domain) {
@@ -117,7 +193,13 @@ impl PolicyWatch {
                     require_mtls = policy.require_mtls,
                     "inbound policy updated"
                 );
-                tx.send_replace(Some(Arc::new(policy)));
+                let policy = Arc::new(policy);
+                self.record(port, generation, |p| {
+                    p.policy = Some(policy.clone());
+                    p.source = Some(Arc::new(msg.clone()));
+                    p.updated = Some(SystemTime::now());
+                });
+                tx.send_replace(Some(policy));
             }
             Err(error) => {
                 self.metrics.inbound_policy_rejected.inc();
@@ -128,9 +210,19 @@ impl PolicyWatch {
                     keeping_previous = has_good,
                     "refusing an inbound policy that does not compile"
                 );
-                if !has_good {
+                let refuse = (!has_good).then(|| Arc::new(PortPolicy::refuse_all()));
+                self.record(port, generation, |p| {
+                    p.rejected += 1;
+                    p.last_error = Some(error.to_string());
+                    if let Some(refuse) = &refuse {
+                        p.policy = Some(refuse.clone());
+                        p.source = None;
+                        p.updated = Some(SystemTime::now());
+                    }
+                });
+                if let Some(refuse) = refuse {
                     // Nothing good to keep: refuse everything rather than guess.
-                    tx.send_replace(Some(Arc::new(PortPolicy::refuse_all())));
+                    tx.send_replace(Some(refuse));
                 }
             }
         }
@@ -279,6 +371,69 @@ mod tests {
             .unwrap();
         let p = next_change(&mut rx).await;
         assert_eq!(p.default, super::super::DefaultPolicy::ClusterAuthenticated);
+    }
+
+    #[tokio::test]
+    async fn snapshots_follow_updates_and_forget_unwatched_ports() {
+        let (tx, first) = mpsc::channel(4);
+        let (channel, _asked) = serve(vec![first]).await;
+        let watch = PolicyWatch::new(channel, "shop", "web-1", "cluster.local", Metrics::new());
+        let mut rx = watch.start(8080);
+        let (ports, more) = watch.snapshot(10);
+        assert!(!more);
+        assert_eq!(ports.len(), 1);
+        assert!(ports[0].policy.is_none() && ports[0].updated.is_none());
+
+        tx.send(Ok(policy(DefaultPolicy::AllAuthenticated)))
+            .await
+            .unwrap();
+        next_change(&mut rx).await;
+        tx.send(Ok(InboundPolicy {
+            protocol: 77,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        // The refused update changes nothing the data path sees; wait for the view instead.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            let (ports, _) = watch.snapshot(10);
+            if ports[0].rejected == 1 || tokio::time::Instant::now() > deadline {
+                break ports[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(port.port, 8080);
+        assert_eq!(port.rejected, 1);
+        assert!(port.last_error.as_deref().unwrap().contains("protocol"));
+        let source = port.source.as_ref().unwrap();
+        assert_eq!(
+            source.default_policy,
+            DefaultPolicy::AllAuthenticated as i32
+        );
+        assert_eq!(
+            port.policy.as_ref().unwrap().default,
+            super::super::DefaultPolicy::AllAuthenticated
+        );
+        assert!(port.updated.is_some());
+
+        let _second = watch.start(9090);
+        let (ports, more) = watch.snapshot(1);
+        assert!(more);
+        assert_eq!(ports.iter().map(|p| p.port).collect::<Vec<_>>(), [8080]);
+
+        // Once no connection holds the port's policy its watch ends, and so does its entry.
+        drop(rx);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let ports = loop {
+            let (ports, _) = watch.snapshot(10);
+            let ports: Vec<u16> = ports.iter().map(|p| p.port).collect();
+            if ports == [9090] || tokio::time::Instant::now() > deadline {
+                break ports;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(ports, [9090]);
     }
 
     #[tokio::test]

@@ -47,8 +47,11 @@ pub fn error_response(status: StatusCode, reason: &'static str) -> Response<Body
     rsp
 }
 
+/// Named once: a `&str` key would be parsed into a header name on every lookup.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 pub fn grpc_status_of(headers: &HeaderMap) -> Option<u16> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// A request body that remembers whether reading it failed, so a failed upstream call can

@@ -5,14 +5,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::{http1, http2::SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio_rustls::TlsConnector;
 
@@ -52,9 +50,26 @@ struct H2Conn {
     sender: SendRequest<Body>,
 }
 
+/// HTTP/1.1 keep-alive connections kept per address.
+const HTTP1_MAX_POOLED: usize = 64;
+/// A pooled HTTP/1.1 connection unused this long is closed.
+const HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One pooled HTTP/1.1 connection. It goes back to the pool as soon as its response head
+/// arrives; until that response's body has been read it is not ready and is skipped.
+struct Http1Conn {
+    sender: http1::SendRequest<Body>,
+    used: Instant,
+}
+
+type Http1Pool = Mutex<HashMap<SocketAddr, Vec<Http1Conn>>>;
+
 pub struct Clients {
     mesh_tls: TlsConnector,
-    http1: Client<HttpConnector, Body>,
+    // Held only to take or return a sender, never across an await; shared with the task
+    // that closes idle connections.
+    http1: Arc<Http1Pool>,
+    http1_sweeper: std::sync::Once,
     // Looked up once per request; held only to clone a sender, never across an await.
     h2: Mutex<HashMap<SocketAddr, H2Conn>>,
     connect_timeout: Duration,
@@ -62,18 +77,10 @@ pub struct Clients {
 
 impl Clients {
     pub fn new(mesh_tls: TlsConnector, connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        let http1 = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
-            .build(connector);
         Clients {
             mesh_tls,
-            http1,
+            http1: Arc::new(Mutex::new(HashMap::new())),
+            http1_sweeper: std::sync::Once::new(),
             h2: Mutex::new(HashMap::new()),
             connect_timeout,
         }
@@ -89,14 +96,7 @@ impl Clients {
         req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
         if peer.is_none() && req.version() < Version::HTTP_2 {
-            return self
-                .http1
-                .request(req)
-                .await
-                .map_err(|e| SendError::Request {
-                    addr,
-                    source: Box::new(e),
-                });
+            return self.send_http1(addr, req).await;
         }
         let mut sender = self.h2_sender(addr, peer).await?;
         sender
@@ -106,6 +106,89 @@ impl Clients {
                 addr,
                 source: Box::new(e),
             })
+    }
+
+    /// HTTP/1.1 on a pooled keep-alive connection (a new one when none is ready). A request
+    /// a pooled connection could not even start to send (the server had just closed it) is
+    /// sent once more on a new connection.
+    async fn send_http1(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        // Origin-form on the wire; the Host header keeps (or, if missing, gets) the authority.
+        if req.uri().authority().is_some() {
+            if !req.headers().contains_key(http::header::HOST) {
+                let host = req
+                    .uri()
+                    .authority()
+                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok());
+                if let Some(host) = host {
+                    req.headers_mut().insert(http::header::HOST, host);
+                }
+            }
+            *req.uri_mut() = super::headers::origin_form(req.uri());
+        }
+        let request_error = |e: hyper::Error| SendError::Request {
+            addr,
+            source: Box::new(e),
+        };
+        let req = match self.pooled_http1(addr) {
+            Some(mut sender) => match sender.try_send_request(req).await {
+                Ok(rsp) => {
+                    self.return_http1(addr, sender);
+                    return Ok(rsp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(req) => req,
+                    None => return Err(request_error(e.into_error())),
+                },
+            },
+            None => req,
+        };
+        // Boxed: connecting is rare, and its state would otherwise make every request's
+        // future (copied whole when its task is spawned) that much larger.
+        let mut sender = Box::pin(self.connect_http1(addr)).await?;
+        let rsp = sender.send_request(req).await.map_err(request_error)?;
+        self.return_http1(addr, sender);
+        Ok(rsp)
+    }
+
+    /// The most recently used ready connection to `addr`; closed ones are dropped on the way.
+    fn pooled_http1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        let mut pool = lock(&self.http1);
+        let conns = pool.get_mut(&addr)?;
+        conns.retain(|c| !c.sender.is_closed());
+        let ready = conns.iter().rposition(|c| c.sender.is_ready())?;
+        Some(conns.swap_remove(ready).sender)
+    }
+
+    fn return_http1(&self, addr: SocketAddr, sender: http1::SendRequest<Body>) {
+        let mut pool = lock(&self.http1);
+        let conns = pool.entry(addr).or_default();
+        if conns.len() < HTTP1_MAX_POOLED {
+            conns.push(Http1Conn {
+                sender,
+                used: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect_http1(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, SendError> {
+        let tcp = connect::tcp(addr, self.connect_timeout).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|source| SendError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "HTTP/1.1 connection closed");
+            }
+        });
+        let pool = Arc::downgrade(&self.http1);
+        self.http1_sweeper
+            .call_once(|| drop(tokio::spawn(sweep_http1(pool))));
+        Ok(sender)
     }
 
     async fn h2_sender(
@@ -119,7 +202,8 @@ impl Clients {
                 return Ok(conn.sender.clone());
             }
         }
-        let sender = self.connect_h2(addr, peer).await?;
+        // Boxed for the same reason as the HTTP/1 connect: a TLS handshake's state is large.
+        let sender = Box::pin(self.connect_h2(addr, peer)).await?;
         let conn = H2Conn {
             identity: wanted.cloned(),
             sender: sender.clone(),
@@ -167,6 +251,25 @@ impl Clients {
         self.h2
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Closes pooled HTTP/1.1 connections unused for [`HTTP1_IDLE_TIMEOUT`], until the pool
+/// is gone.
+async fn sweep_http1(pool: Weak<Http1Pool>) {
+    let mut tick = tokio::time::interval(HTTP1_IDLE_TIMEOUT / 2);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut pool = lock(&pool);
+        for conns in pool.values_mut() {
+            conns.retain(|c| !c.sender.is_closed() && c.used.elapsed() < HTTP1_IDLE_TIMEOUT);
+        }
+        pool.retain(|_, conns| !conns.is_empty());
     }
 }
 

@@ -18,7 +18,24 @@ pub enum HeaderError {
     BadTarget,
 }
 
+/// Not in `http`'s standard set, so named once here rather than parsed on every call.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the names (cheap comparisons, no
+    // hashing) decides whether anything needs removing at all.
+    let any = headers.keys().any(|name| {
+        name == CONNECTION
+            || name == TRANSFER_ENCODING
+            || name == UPGRADE
+            || name == TE
+            || name == KEEP_ALIVE
+            || name == PROXY_CONNECTION
+    });
+    if !any {
+        return;
+    }
     // Headers the Connection header names are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -30,11 +47,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+    for name in [
+        CONNECTION,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+    ] {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
     // `te: trailers` is the one TE value HTTP/2 allows (gRPC needs it).
     if headers.get(TE).is_some_and(|v| v.as_bytes() != b"trailers") {
         headers.remove(TE);
@@ -49,21 +70,30 @@ pub fn authority_of<B>(req: &Request<B>) -> Option<http::uri::Authority> {
     req.headers().get(HOST)?.to_str().ok()?.parse().ok()
 }
 
-fn with_authority(uri: &Uri, authority: http::uri::Authority) -> Result<Uri, HeaderError> {
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path)
-        .build()
-        .map_err(|_| HeaderError::BadTarget)
+/// `http://<authority><path>`, reusing the URI's parsed path rather than re-parsing it.
+fn with_authority(uri: Uri, authority: http::uri::Authority) -> Result<Uri, HeaderError> {
+    let mut parts = uri.into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).map_err(|_| HeaderError::BadTarget)
+}
+
+/// The URI as an HTTP/1 request line carries it to an origin server: path and query only.
+pub fn origin_form(uri: &Uri) -> Uri {
+    uri.path_and_query()
+        .cloned()
+        .map_or_else(|| Uri::from_static("/"), Uri::from)
 }
 
 /// Outbound: makes an app request (HTTP/1.x or HTTP/2) into a mesh HTTP/2 request.
 pub fn to_mesh<B>(req: &mut Request<B>) -> Result<(), HeaderError> {
     let authority = authority_of(req).ok_or(HeaderError::NoAuthority)?;
     let was_http1 = req.version() < Version::HTTP_2;
-    *req.uri_mut() = with_authority(req.uri(), authority)?;
+    let uri = std::mem::take(req.uri_mut());
+    *req.uri_mut() = with_authority(uri, authority)?;
     strip_hop_by_hop(req.headers_mut());
     // :authority carries it on HTTP/2.
     req.headers_mut().remove(HOST);
@@ -74,26 +104,23 @@ pub fn to_mesh<B>(req: &mut Request<B>) -> Result<(), HeaderError> {
     Ok(())
 }
 
-/// Inbound: restores the app's view of a mesh request, to be sent to `app_authority`
-/// (`127.0.0.1:<port>`). Returns true when the app is to be spoken to in HTTP/1.1.
-pub fn from_mesh<B>(
-    req: &mut Request<B>,
-    app_authority: http::uri::Authority,
-) -> Result<bool, HeaderError> {
+/// Inbound: restores the app's view of a mesh request. Returns true when the app is to
+/// be spoken to in HTTP/1.1: the request then has the app's Host and an origin-form URI
+/// (the connection it goes on says where the app is).
+pub fn from_mesh<B>(req: &mut Request<B>) -> Result<bool, HeaderError> {
     let http1 = req
         .headers_mut()
         .remove(ORIG_PROTO)
         .is_some_and(|v| v == HTTP11);
     strip_hop_by_hop(req.headers_mut());
     if http1 {
-        let authority = authority_of(req).ok_or(HeaderError::NoAuthority)?;
-        // The client keeps the app's Host; the URI only says where to connect.
         if !req.headers().contains_key(HOST) {
+            let authority = authority_of(req).ok_or(HeaderError::NoAuthority)?;
             let host =
                 HeaderValue::from_str(authority.as_str()).map_err(|_| HeaderError::BadTarget)?;
             req.headers_mut().insert(HOST, host);
         }
-        *req.uri_mut() = with_authority(req.uri(), app_authority)?;
+        *req.uri_mut() = origin_form(req.uri());
         *req.version_mut() = Version::HTTP_11;
     }
     Ok(http1)
@@ -122,10 +149,10 @@ mod tests {
         assert_eq!(req.headers()[&ORIG_PROTO], "HTTP/1.1");
         assert_eq!(req.headers()["x-app"], "kept");
 
-        let http1 = from_mesh(&mut req, "127.0.0.1:8080".parse().unwrap()).unwrap();
+        let http1 = from_mesh(&mut req).unwrap();
         assert!(http1);
         assert_eq!(req.version(), Version::HTTP_11);
-        assert_eq!(req.uri(), "http://127.0.0.1:8080/api/v1/users?id=4");
+        assert_eq!(req.uri(), "/api/v1/users?id=4");
         assert_eq!(req.headers()[HOST], "web.shop:80");
         assert!(req.headers().get(&ORIG_PROTO).is_none());
     }
@@ -141,8 +168,24 @@ mod tests {
         to_mesh(&mut req).unwrap();
         assert_eq!(req.headers()[TE], "trailers");
         assert!(req.headers().get(&ORIG_PROTO).is_none());
-        assert!(!from_mesh(&mut req, "127.0.0.1:50051".parse().unwrap()).unwrap());
+        assert!(!from_mesh(&mut req).unwrap());
         assert_eq!(req.uri(), "http://greeter.shop:50051/Echo/Say");
+    }
+
+    #[test]
+    fn strips_only_hop_by_hop_headers() {
+        let mut plain = HeaderMap::new();
+        plain.insert("x-app", HeaderValue::from_static("1"));
+        plain.insert(TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 2);
+
+        let mut hop = plain.clone();
+        hop.insert(TE, HeaderValue::from_static("gzip"));
+        hop.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        hop.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        strip_hop_by_hop(&mut hop);
+        assert_eq!(hop.keys().collect::<Vec<_>>(), ["x-app"]);
     }
 
     #[test]

@@ -90,7 +90,8 @@ impl InboundHttp {
     }
 
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
-        let metrics = self.route_metrics.request(&self.metrics);
+        let metrics = self.route_metrics.request();
+        let span = crate::trace::server(&mut req, &self.client);
         // Read per request: a policy change applies to the next request on this connection.
         let decision = {
             let path = normalize_path(req.uri().path());
@@ -108,10 +109,11 @@ impl InboundHttp {
         let rsp = if !decision.allowed {
             denied_response(&decision, is_grpc(&req))
         } else if !self.client.tls && is_upgrade(&req) {
-            return self.upgrade(req, metrics).await;
+            // Boxed: rare, and its state would enlarge every request's future.
+            return Box::pin(self.upgrade(req, metrics)).await;
         } else {
             let prepared = if self.client.tls {
-                headers::from_mesh(&mut req, self.app_authority.clone()).map(|_| ())
+                headers::from_mesh(&mut req).map(|_| ())
             } else {
                 self.prepare_plaintext(&mut req)
             };
@@ -126,6 +128,7 @@ impl InboundHttp {
                 },
             }
         };
+        let rsp = crate::trace::respond(span, rsp);
         let (mut parts, body) = rsp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         metrics.response_headers();
@@ -143,17 +146,7 @@ impl InboundHttp {
                 .map_err(|_| headers::HeaderError::BadTarget)?;
             req.headers_mut().insert(http::header::HOST, host);
         }
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        *req.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(self.app_authority.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|_| headers::HeaderError::BadTarget)?;
+        *req.uri_mut() = headers::origin_form(req.uri());
         *req.version_mut() = Version::HTTP_11;
         Ok(())
     }

@@ -110,9 +110,10 @@ impl OutboundHttp {
                     },
                 })
             })
-            .request(&self.ctx.metrics);
+            .request();
         if is_upgrade(&req) {
-            return self.upgrade(req, backend, metrics).await;
+            // Boxed: rare, and its state would enlarge every request's future.
+            return Box::pin(self.upgrade(req, backend, metrics)).await;
         }
         let app_http1 = req.version() < Version::HTTP_2;
         let result = match route.request_timeout {
@@ -273,7 +274,7 @@ impl OutboundHttp {
             return Err(AttemptError::NoEndpoint);
         };
         let ep = handle.endpoint().clone();
-        let req = match request_for(&ep, req) {
+        let mut req = match request_for(&ep, req) {
             Ok(r) => r,
             Err(_) => {
                 // Nothing was sent: the endpoint learns nothing from this attempt.
@@ -284,6 +285,7 @@ impl OutboundHttp {
                 }));
             }
         };
+        let span = crate::trace::client(&mut req, ep.addr, ep.identity.as_ref(), &route.name);
         let started = Instant::now();
         let send = self.ctx.clients.send(ep.addr, ep.identity.as_ref(), req);
         let sent = match route.backend_request_timeout {
@@ -295,7 +297,7 @@ impl OutboundHttp {
         match sent {
             Ok(Ok(rsp)) => {
                 handle.finish(Outcome::Success(started.elapsed()));
-                Ok(rsp.map(boxed))
+                Ok(crate::trace::respond(span, rsp.map(boxed)))
             }
             Ok(Err(e)) => {
                 handle.finish(Outcome::Failure);
@@ -430,8 +432,8 @@ fn request_for(
         headers::to_mesh(&mut req)?;
         return Ok(req);
     }
-    // Unmeshed: plaintext in the app's own protocol. HTTP/1 connects where the URI points,
-    // so the URI names the endpoint and Host keeps what the app said.
+    // Unmeshed: plaintext in the app's own protocol. HTTP/1 goes on a connection to the
+    // endpoint, in origin-form, and Host keeps what the app said.
     headers::strip_hop_by_hop(req.headers_mut());
     if req.version() < Version::HTTP_2 {
         let authority = headers::authority_of(&req).ok_or(headers::HeaderError::NoAuthority)?;
@@ -440,18 +442,7 @@ fn request_for(
                 .map_err(|_| headers::HeaderError::BadTarget)?;
             req.headers_mut().insert(http::header::HOST, host);
         }
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
-        *req.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(ep.addr.to_string())
-            .path_and_query(path)
-            .build()
-            .map_err(|_| headers::HeaderError::BadTarget)?;
+        *req.uri_mut() = headers::origin_form(req.uri());
     }
     Ok(req)
 }
