@@ -95,6 +95,10 @@ pub struct RouteLabels {
     pub dst_service: Name,
     /// The backend Service chosen by the traffic split ("name.namespace").
     pub dst_backend: Name,
+    /// Inbound: the calling proxy's SPIFFE id (the source workload's identity; bounded by
+    /// the service accounts that call this pod), "" for plaintext. Outbound: "" (the
+    /// source is the scraped proxy itself).
+    pub client_id: Name,
     pub tls: TlsState,
 }
 
@@ -541,6 +545,7 @@ mod tests {
             route: Name::new("default"),
             dst_service: Name::new(""),
             dst_backend: Name::new(""),
+            client_id: Name::new("spiffe://cluster.local/ns/shop/sa/client"),
             tls: TlsState::Mutual,
         });
         for (status, grpc) in [
@@ -555,11 +560,11 @@ mod tests {
         let text = m.encode();
         for (status, grpc, count) in [("200", "", 3), ("503", "", 1), ("200", "14", 1)] {
             let line = format!(
-                r#"weft_http_responses_total{{status_code="{status}",grpc_status="{grpc}",direction="inbound",route="default",dst_service="",dst_backend="",tls="true"}} {count}"#
+                r#"weft_http_responses_total{{status_code="{status}",grpc_status="{grpc}",direction="inbound",route="default",dst_service="",dst_backend="",client_id="spiffe://cluster.local/ns/shop/sa/client",tls="true"}} {count}"#
             );
             assert!(text.contains(&line), "{line} missing from\n{text}");
         }
-        assert!(text.contains(r#"weft_http_requests_total{direction="inbound",route="default",dst_service="",dst_backend="",tls="true"} 5"#), "{text}");
+        assert!(text.contains(r#"weft_http_requests_total{direction="inbound",route="default",dst_service="",dst_backend="",client_id="spiffe://cluster.local/ns/shop/sa/client",tls="true"} 5"#), "{text}");
     }
 
     #[test]

@@ -1026,7 +1026,11 @@ fn request_metrics_count_exactly_per_route() {
                 client_expected.extend([n as f64, n as f64]);
             }
             let client_baseline = settled(&shop.client, &client_series, 1.0)?;
-            let inbound = vec![("direction", "inbound")];
+            // Inbound series carry the calling workload's identity (the source).
+            let inbound = vec![
+                ("direction", "inbound"),
+                ("client_id", shop.client.identity()),
+            ];
             let server_series = vec![(REQUESTS_TOTAL, inbound.clone()), (LATENCY_COUNT, inbound)];
             // api also serves the route-less Service, so it saw two warm-ups.
             let server_cases = [(web, 1.0, 37.0), (api, 2.0, 23.0 + 11.0)];

@@ -238,7 +238,11 @@ b.ts("Latency", "Request → response headers.", latency_targets("", IN, *NSW), 
 b.ts("Responses by status", "HTTP status and gRPC status.",
      [target(sum_by("status_code, grpc_status", rate("weft_http_responses_total", IN, *NSW)),
              "{{status_code}} {{grpc_status}}")], "reqps")
-b.ts("Requests by client identity", "Authorized inbound requests and connections per client SPIFFE id (empty: plaintext).",
+b.ts("Request rate by source", "Inbound HTTP requests per calling workload (client SPIFFE id; empty: plaintext).",
+     [target(req_rate("client_id", IN, *NSW), "{{client_id}}")], "reqps")
+b.ts("Success rate by source", "Non-5xx, gRPC-OK share per calling workload.",
+     [target(success("client_id", IN, *NSW), "{{client_id}}")], "percentunit")
+b.ts("Authorized accesses by client identity", "Allowed inbound requests and connections per client SPIFFE id (empty: plaintext).",
      [target(sum_by("client_id", rate("weft_inbound_authz_total", *NSW, 'decision="allow"')), "{{client_id}}")], "reqps")
 b.ts("Inbound TCP connections by peer", "Open connections per client identity.",
      [target(f"sum by (peer_identity, tls) (weft_tcp_open_connections{sel(IN, *NSW)})", "{{peer_identity}} tls={{tls}}")],

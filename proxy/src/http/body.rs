@@ -190,6 +190,7 @@ mod tests {
             route: Name::new("default"),
             dst_service: Name::new("web.shop"),
             dst_backend: Name::new("web.shop"),
+            client_id: Name::new(""),
             tls: TlsState::Mutual,
         }
     }
@@ -232,6 +233,6 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains(r#"weft_http_requests_total{direction="outbound",route="default",dst_service="web.shop",dst_backend="web.shop",tls="true"} 1"#), "{text}");
+        assert!(text.contains(r#"weft_http_requests_total{direction="outbound",route="default",dst_service="web.shop",dst_backend="web.shop",client_id="",tls="true"} 1"#), "{text}");
     }
 }

@@ -64,6 +64,10 @@ impl InboundHttp {
             route: Name::new("default"),
             dst_service: Name::new(""),
             dst_backend: Name::new(""),
+            client_id: client
+                .identity
+                .as_ref()
+                .map_or_else(|| Name::new(""), |id| id.uri.clone()),
             tls: if client.tls {
                 TlsState::Mutual
             } else {
@@ -443,7 +447,7 @@ mod tests {
             r#"weft_inbound_authz_total{decision="allow",policy="shop/internal-api",rule="0",port="#,
             r#"weft_inbound_authz_total{decision="deny",policy="default",rule="",port="#,
             r#"weft_inbound_authz_total{decision="deny",policy="shop/no-get",rule="0",port="#,
-            r#"weft_http_responses_total{status_code="403",grpc_status="",direction="inbound",route="default",dst_service="",dst_backend="",tls="false"} 2"#,
+            r#"weft_http_responses_total{status_code="403",grpc_status="",direction="inbound",route="default",dst_service="",dst_backend="",client_id="",tls="false"} 2"#,
             r#"weft_http_responses_total{status_code="200",grpc_status="7",direction="inbound""#,
         ] {
             assert!(text.contains(want), "missing {want}\n{text}");

@@ -19,7 +19,9 @@ use super::headers;
 use super::route::{Backend, Route, RouteAction};
 use crate::connect;
 use crate::discovery::{Endpoint, Target, TargetWatch};
-use crate::metrics::{Direction, HttpRequestMetrics, Metrics, RetryLabels, RouteLabels, TlsState};
+use crate::metrics::{
+    Direction, GrpcStatus, HttpRequestMetrics, Metrics, Name, RetryLabels, RouteLabels, TlsState,
+};
 
 /// Bodies up to this size are buffered so a request can be retried (DESIGN.md).
 const MAX_REPLAY_BODY: u64 = 64 * 1024;
@@ -81,16 +83,50 @@ impl OutboundHttp {
         Ok(self.handle(req).await)
     }
 
+    /// An answer the proxy gives itself before any backend is chosen. Still a request the
+    /// app made, so it is counted (under the route, no backend, `tls="false"`: nothing was
+    /// connected); rare, so resolving its metric handle per call costs nothing that matters.
+    fn local_response(
+        &self,
+        target: &Target,
+        route: Name,
+        status: StatusCode,
+        reason: &'static str,
+    ) -> Response<Body> {
+        let metrics = self
+            .ctx
+            .metrics
+            .http_route(RouteLabels {
+                direction: Direction::Outbound,
+                route,
+                dst_service: target.service_label.clone(),
+                dst_backend: Name::new(""),
+                client_id: Name::new(""),
+                tls: TlsState::Plaintext,
+            })
+            .request();
+        metrics.response_headers();
+        metrics.response_end(status.as_u16(), GrpcStatus(None));
+        error_response(status, reason)
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let target = self.target.current();
         let route = match target.routes.select(req.method(), req.uri(), req.headers()) {
             RouteAction::Forward(route) => route,
             RouteAction::NotFound => {
-                return error_response(StatusCode::NOT_FOUND, "no route matches this request")
+                return self.local_response(
+                    &target,
+                    Name::new("default"),
+                    StatusCode::NOT_FOUND,
+                    "no route matches this request",
+                )
             }
         };
         let Some(backend) = route.pick_backend(rand::random()) else {
-            return error_response(
+            return self.local_response(
+                &target,
+                route.name.clone(),
                 StatusCode::SERVICE_UNAVAILABLE,
                 "route has no backend with weight",
             );
@@ -103,6 +139,7 @@ impl OutboundHttp {
                     route: route.name.clone(),
                     dst_service: target.service_label.clone(),
                     dst_backend: backend.name.clone(),
+                    client_id: Name::new(""),
                     tls: if backend.meshed() {
                         TlsState::Mutual
                     } else {
@@ -320,7 +357,7 @@ impl OutboundHttp {
     ) -> Response<Body> {
         let Some(handle) = backend.balancer.pick() else {
             let rsp = error_response(StatusCode::SERVICE_UNAVAILABLE, "no endpoint available");
-            metrics.response_end(rsp.status().as_u16(), crate::metrics::GrpcStatus(None));
+            metrics.response_end(rsp.status().as_u16(), GrpcStatus(None));
             return rsp;
         };
         let ep = handle.endpoint().clone();
@@ -335,12 +372,12 @@ impl OutboundHttp {
             Err(e) => {
                 tracing::info!(error = %e, "upgrade request failed");
                 let rsp = error_response(StatusCode::BAD_GATEWAY, "upstream connection failed");
-                metrics.response_end(rsp.status().as_u16(), crate::metrics::GrpcStatus(None));
+                metrics.response_end(rsp.status().as_u16(), GrpcStatus(None));
                 return rsp;
             }
         };
         metrics.response_headers();
-        metrics.response_end(rsp.status().as_u16(), crate::metrics::GrpcStatus(None));
+        metrics.response_end(rsp.status().as_u16(), GrpcStatus(None));
         if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let server_upgrade = hyper::upgrade::on(&mut rsp);
             tokio::spawn(async move {
