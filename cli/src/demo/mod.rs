@@ -312,9 +312,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(300));
     }
 
-    println!("\nfinal view:");
+    // Traffic has stopped, so a windowed view would show zeros: totals since start instead.
+    println!("\nfinal view (totals since the proxies started):");
     let inbound = print_view(&node)?;
-    read_table(&node)?.print(table.as_ref(), canary::PHASES[phase]);
+    read_table(&node)?.print(None, canary::PHASES[phase]);
     let mut checks = evaluate(&stats, &inbound);
     checks.extend(canary_checks(&phases, phase));
     println!();
