@@ -62,7 +62,10 @@ struct Http1Conn {
     used: Instant,
 }
 
-type Http1Pool = Mutex<HashMap<SocketAddr, Vec<Http1Conn>>>;
+/// Connection pools are keyed by address and looked up on every request.
+type AddrMap<V> = HashMap<SocketAddr, V, foldhash::fast::RandomState>;
+
+type Http1Pool = Mutex<AddrMap<Vec<Http1Conn>>>;
 
 pub struct Clients {
     mesh_tls: TlsConnector,
@@ -71,7 +74,7 @@ pub struct Clients {
     http1: Arc<Http1Pool>,
     http1_sweeper: std::sync::Once,
     // Looked up once per request; held only to clone a sender, never across an await.
-    h2: Mutex<HashMap<SocketAddr, H2Conn>>,
+    h2: Mutex<AddrMap<H2Conn>>,
     connect_timeout: Duration,
 }
 
@@ -79,9 +82,9 @@ impl Clients {
     pub fn new(mesh_tls: TlsConnector, connect_timeout: Duration) -> Self {
         Clients {
             mesh_tls,
-            http1: Arc::new(Mutex::new(HashMap::new())),
+            http1: Arc::new(Mutex::new(AddrMap::default())),
             http1_sweeper: std::sync::Once::new(),
-            h2: Mutex::new(HashMap::new()),
+            h2: Mutex::new(AddrMap::default()),
             connect_timeout,
         }
     }
@@ -227,8 +230,10 @@ impl Clients {
         let sender = match peer {
             Some(peer) => {
                 let tls = connect::mesh(&self.mesh_tls, addr, peer, self.connect_timeout).await?;
+                // Boxed: hyper spawns a task per request whose type is as large as its
+                // connection task, TLS state included, and that task is copied on spawn.
                 let (sender, conn) = builder
-                    .handshake(TokioIo::new(tls))
+                    .handshake(TokioIo::new(Box::new(tls)))
                     .await
                     .map_err(|source| SendError::Handshake { addr, source })?;
                 spawn_connection(addr, conn);
@@ -247,7 +252,7 @@ impl Clients {
         Ok(sender)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, H2Conn>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AddrMap<H2Conn>> {
         self.h2
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
