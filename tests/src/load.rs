@@ -97,6 +97,23 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// The client's own p99 (nearest rank) over the kept records that got a response, in
+    /// seconds; `None` without such records (`keep_records` off, or no response at all).
+    pub fn p99_seconds_nearest_rank(&self) -> Option<f64> {
+        let mut latencies: Vec<f64> = self
+            .records
+            .iter()
+            .filter(|r| r.status.is_some())
+            .map(|r| r.latency_ms / 1000.0)
+            .collect();
+        if latencies.is_empty() {
+            return None;
+        }
+        latencies.sort_by(f64::total_cmp);
+        let rank = (latencies.len() as f64 * 0.99).ceil() as usize;
+        latencies.get(rank.saturating_sub(1)).copied()
+    }
+
     pub fn status_count(&self, status: u16) -> u64 {
         self.by_status
             .get(&status.to_string())

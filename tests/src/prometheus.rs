@@ -438,8 +438,25 @@ pub fn label_values_query(query: &str) -> Option<(String, String)> {
     Some((selector.trim().to_string(), label.trim().to_string()))
 }
 
+/// `(lower, upper]`: the histogram bucket holding `value`, from sorted upper bounds (`le`).
+pub fn bucket_of(bounds: &[f64], value: f64) -> Option<(f64, f64)> {
+    let i = bounds.iter().position(|le| value <= *le)?;
+    Some((if i == 0 { 0.0 } else { bounds[i - 1] }, bounds[i]))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bucket_of_finds_the_half_open_bucket() {
+        use super::bucket_of;
+        let bounds = [0.016, 0.032, 0.064, f64::INFINITY];
+        assert_eq!(bucket_of(&bounds, 0.045), Some((0.032, 0.064)));
+        assert_eq!(bucket_of(&bounds, 0.032), Some((0.016, 0.032)));
+        assert_eq!(bucket_of(&bounds, 0.001), Some((0.0, 0.016)));
+        assert_eq!(bucket_of(&bounds, 100.0), Some((0.064, f64::INFINITY)));
+        assert_eq!(bucket_of(&[0.1], 0.2), None);
+    }
+
     use super::*;
 
     #[test]

@@ -19,8 +19,8 @@ use weft_e2e::manifests::{
 };
 use weft_e2e::mesh::ADMIN_PORT;
 use weft_e2e::prometheus::{
-    dashboard_queries, dashboards_dir, label_values_query, load_dashboards, substitute_variables,
-    Prometheus, ScrapeTarget, PROMETHEUS_TOOLS, SCRAPE_INTERVAL,
+    bucket_of, dashboard_queries, dashboards_dir, label_values_query, load_dashboards,
+    substitute_variables, Prometheus, ScrapeTarget, PROMETHEUS_TOOLS, SCRAPE_INTERVAL,
 };
 use weft_e2e::{e2e_test, wait_for, Cluster, Manifests, MeshPod, MeshPodSpec, Pod};
 
@@ -265,31 +265,6 @@ fn outbound_value(prometheus: &Prometheus, expr: &str, time: f64) -> anyhow::Res
         .find(|s| s.labels.get("direction").map(String::as_str) == Some("outbound"))
         .map(|s| s.value)
         .with_context(|| format!("{expr} has no outbound sample: {samples:?}"))
-}
-
-/// The client's own p99 (nearest rank) over the responses it got, in seconds.
-fn client_p99_seconds(report: &LoadReport) -> anyhow::Result<f64> {
-    let mut latencies: Vec<f64> = report
-        .records
-        .iter()
-        .filter(|r| r.status.is_some())
-        .map(|r| r.latency_ms / 1000.0)
-        .collect();
-    ensure!(!latencies.is_empty(), "no latency records: {report:?}");
-    latencies.sort_by(f64::total_cmp);
-    let rank = (latencies.len() as f64 * 0.99).ceil() as usize;
-    Ok(latencies[rank.saturating_sub(1)])
-}
-
-/// `(lower, upper]`: the histogram bucket holding `value`, from sorted upper bounds.
-fn bucket_of(bounds: &[f64], value: f64) -> Option<(f64, f64)> {
-    let upper_index = bounds.iter().position(|le| value <= *le)?;
-    let lower = if upper_index == 0 {
-        0.0
-    } else {
-        bounds[upper_index - 1]
-    };
-    Some((lower, bounds[upper_index]))
 }
 
 struct Shop {
@@ -564,7 +539,9 @@ fn prometheus_scrapes_proxies_dashboards_have_data_and_golden_signals_match_grou
                 })
                 .collect();
             bounds.sort_by(f64::total_cmp);
-            let client_p99 = client_p99_seconds(&report)?;
+            let client_p99 = report
+                .p99_seconds_nearest_rank()
+                .with_context(|| format!("no latency records: {report:?}"))?;
             let (lower, upper) = bucket_of(&bounds, client_p99)
                 .with_context(|| format!("no bucket holds {client_p99} in {bounds:?}"))?;
             ensure!(
@@ -590,14 +567,4 @@ fn prometheus_scrapes_proxies_dashboards_have_data_and_golden_signals_match_grou
             Ok(())
         },
     );
-}
-
-#[test]
-fn bucket_of_finds_the_half_open_bucket() {
-    let bounds = [0.016, 0.032, 0.064, f64::INFINITY];
-    assert_eq!(bucket_of(&bounds, 0.045), Some((0.032, 0.064)));
-    assert_eq!(bucket_of(&bounds, 0.032), Some((0.016, 0.032)));
-    assert_eq!(bucket_of(&bounds, 0.001), Some((0.0, 0.016)));
-    assert_eq!(bucket_of(&bounds, 100.0), Some((0.064, f64::INFINITY)));
-    assert_eq!(bucket_of(&[0.1], 0.2), None);
 }

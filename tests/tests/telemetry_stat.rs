@@ -24,7 +24,9 @@ use weft_e2e::httpapp::{current_thread_runtime, start_http_server};
 use weft_e2e::load::{run_load_blocking, LoadConfig, LoadReport};
 use weft_e2e::manifests::RouteRule;
 use weft_e2e::mesh::ADMIN_PORT;
-use weft_e2e::prometheus::{Prometheus, ScrapeTarget, PROMETHEUS_TOOLS, SCRAPE_INTERVAL};
+use weft_e2e::prometheus::{
+    bucket_of, Prometheus, ScrapeTarget, PROMETHEUS_TOOLS, SCRAPE_INTERVAL,
+};
 use weft_e2e::{bins::bin, e2e_test, wait_for, Cluster, Cmd, MeshPod, MeshPodSpec, Pod};
 
 const NS: &str = "shop";
@@ -206,26 +208,6 @@ fn from_table(stdout: &str) -> anyhow::Result<Reported> {
     })
 }
 
-/// The client's own p99 (nearest rank) over the responses it got, in seconds.
-fn client_p99_seconds(report: &LoadReport) -> anyhow::Result<f64> {
-    let mut latencies: Vec<f64> = report
-        .records
-        .iter()
-        .filter(|r| r.status.is_some())
-        .map(|r| r.latency_ms / 1000.0)
-        .collect();
-    ensure!(!latencies.is_empty(), "no latency records: {report:?}");
-    latencies.sort_by(f64::total_cmp);
-    let rank = (latencies.len() as f64 * 0.99).ceil() as usize;
-    Ok(latencies[rank.saturating_sub(1)])
-}
-
-/// `(lower, upper]`: the histogram bucket holding `value`, from sorted upper bounds.
-fn bucket_of(bounds: &[f64], value: f64) -> Option<(f64, f64)> {
-    let i = bounds.iter().position(|le| value <= *le)?;
-    Some((if i == 0 { 0.0 } else { bounds[i - 1] }, bounds[i]))
-}
-
 /// Checks one report against the truth. The table rounds latency to 0.1 ms, so its p99 may
 /// sit that much past a bucket edge.
 fn check(what: &str, got: &Reported, bucket: (f64, f64), rounding: f64) -> anyhow::Result<()> {
@@ -356,7 +338,9 @@ fn weft_stat_matches_ground_truth_from_prometheus_and_from_proxies() {
             std::thread::sleep(Duration::from_millis(500));
 
             let bounds = latency_bounds(client_pod)?;
-            let client_p99 = client_p99_seconds(&report)?;
+            let client_p99 = report
+                .p99_seconds_nearest_rank()
+                .with_context(|| format!("no latency records: {report:?}"))?;
             let bucket = bucket_of(&bounds, client_p99)
                 .with_context(|| format!("no bucket holds {client_p99} in {bounds:?}"))?;
             eprintln!("telemetry_stat: client p99 {client_p99} s, bucket {bucket:?}");

@@ -340,47 +340,19 @@ fn merge(files: &BTreeMap<PathBuf, Vec<Object>>, problems: &mut Vec<Problem>) ->
                     slot.insert(file);
                 }
             }
-            match object {
-                Object::Namespace(ns) => {
-                    state.namespaces.insert(ns.name.clone(), ns.clone());
-                }
-                Object::Pod(pod) => {
-                    state
-                        .pods
-                        .insert((pod.namespace.clone(), pod.name.clone()), pod.clone());
-                }
-                Object::Service(svc) => {
-                    if let Some(ip) = svc.cluster_ip {
-                        if let Some(owner) = cluster_ips.get(&ip) {
-                            let message =
-                                format!("cluster IP {ip} already belongs to {owner}; ignored");
-                            reject(problems, message);
-                            defined_in.remove(&described);
-                            continue;
-                        }
-                        cluster_ips.insert(ip, described.clone());
+            if let Object::Service(svc) = object {
+                if let Some(ip) = svc.cluster_ip {
+                    if let Some(owner) = cluster_ips.get(&ip) {
+                        let message =
+                            format!("cluster IP {ip} already belongs to {owner}; ignored");
+                        reject(problems, message);
+                        defined_in.remove(&described);
+                        continue;
                     }
-                    state
-                        .services
-                        .insert((svc.namespace.clone(), svc.name.clone()), svc.clone());
-                }
-                Object::TrafficSplit(split) => {
-                    state
-                        .traffic_splits
-                        .insert((split.namespace.clone(), split.name.clone()), split.clone());
-                }
-                Object::HttpRoute(route) => {
-                    state
-                        .http_routes
-                        .insert((route.namespace.clone(), route.name.clone()), route.clone());
-                }
-                Object::AuthorizationPolicy(policy) => {
-                    state.authorization_policies.insert(
-                        (policy.namespace.clone(), policy.name.clone()),
-                        policy.clone(),
-                    );
+                    cluster_ips.insert(ip, described.clone());
                 }
             }
+            object.clone().insert_into(&mut state);
         }
     }
     state

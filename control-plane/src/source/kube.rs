@@ -344,7 +344,7 @@ impl KubeSource {
                     match read {
                         Ok(read) => {
                             let read = meshed_by_injection(read);
-                            insert(&mut state, without_ip_once_terminated(read, object))
+                            without_ip_once_terminated(read, object).insert_into(&mut state)
                         }
                         Err(message) => {
                             seen.insert((kind, key.clone()));
@@ -367,7 +367,7 @@ impl KubeSource {
                         None => {
                             self.last_accepted
                                 .insert((kind, key.clone()), parsed.clone());
-                            insert(&mut state, parsed);
+                            parsed.insert_into(&mut state);
                             Verdict {
                                 accepted: true,
                                 reason: "Accepted",
@@ -389,7 +389,7 @@ impl KubeSource {
                 let mut verdict = verdict;
                 if !verdict.accepted {
                     if let Some(previous) = self.last_accepted.get(&(kind, key.clone())) {
-                        insert(&mut state, previous.clone());
+                        previous.clone().insert_into(&mut state);
                         verdict
                             .message
                             .push_str("; the last accepted version stays in force");
@@ -562,39 +562,6 @@ fn without_ip_once_terminated(object: Object, raw: &DynamicObject) -> Object {
             Object::Pod(pod)
         }
         other => other,
-    }
-}
-
-fn insert(state: &mut ClusterState, object: Object) {
-    match object {
-        Object::Namespace(ns) => {
-            state.namespaces.insert(ns.name.clone(), ns);
-        }
-        Object::Pod(pod) => {
-            state
-                .pods
-                .insert((pod.namespace.clone(), pod.name.clone()), pod);
-        }
-        Object::Service(svc) => {
-            state
-                .services
-                .insert((svc.namespace.clone(), svc.name.clone()), svc);
-        }
-        Object::TrafficSplit(split) => {
-            state
-                .traffic_splits
-                .insert((split.namespace.clone(), split.name.clone()), split);
-        }
-        Object::HttpRoute(route) => {
-            state
-                .http_routes
-                .insert((route.namespace.clone(), route.name.clone()), route);
-        }
-        Object::AuthorizationPolicy(policy) => {
-            state
-                .authorization_policies
-                .insert((policy.namespace.clone(), policy.name.clone()), policy);
-        }
     }
 }
 

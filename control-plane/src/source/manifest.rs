@@ -14,8 +14,8 @@ use crate::model::routes::{
     SplitBackend, StringMatch, ValueMatch, DEFAULT_RETRY_ATTEMPTS, MAX_BACKEND_WEIGHT,
 };
 use crate::model::{
-    AuthorizationPolicy, ContainerPort, HttpProbe, HttpRoute, InvalidField, Namespace, Pod,
-    Service, ServicePort, TargetPort, TrafficSplit, DEFAULT_SERVICE_ACCOUNT,
+    AuthorizationPolicy, ClusterState, ContainerPort, HttpProbe, HttpRoute, InvalidField,
+    Namespace, Pod, Service, ServicePort, TargetPort, TrafficSplit, DEFAULT_SERVICE_ACCOUNT,
 };
 
 mod authorization;
@@ -44,6 +44,43 @@ impl Object {
             Object::HttpRoute(route) => format!("HTTPRoute {}/{}", route.namespace, route.name),
             Object::AuthorizationPolicy(policy) => {
                 format!("AuthorizationPolicy {}/{}", policy.namespace, policy.name)
+            }
+        }
+    }
+}
+
+impl Object {
+    /// Adds the object to `state` under its kind, namespace and name (replacing one of the
+    /// same identity): the one place both sources turn objects into a state.
+    pub(crate) fn insert_into(self, state: &mut ClusterState) {
+        match self {
+            Object::Namespace(ns) => {
+                state.namespaces.insert(ns.name.clone(), ns);
+            }
+            Object::Pod(pod) => {
+                state
+                    .pods
+                    .insert((pod.namespace.clone(), pod.name.clone()), pod);
+            }
+            Object::Service(svc) => {
+                state
+                    .services
+                    .insert((svc.namespace.clone(), svc.name.clone()), svc);
+            }
+            Object::TrafficSplit(split) => {
+                state
+                    .traffic_splits
+                    .insert((split.namespace.clone(), split.name.clone()), split);
+            }
+            Object::HttpRoute(route) => {
+                state
+                    .http_routes
+                    .insert((route.namespace.clone(), route.name.clone()), route);
+            }
+            Object::AuthorizationPolicy(policy) => {
+                state
+                    .authorization_policies
+                    .insert((policy.namespace.clone(), policy.name.clone()), policy);
             }
         }
     }
