@@ -6,7 +6,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 fn main() {
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/weft");
+    // Read at run time: a build script compiled for one checkout may be reused by cargo
+    // for another sharing the target directory, and `env!` would point it at the first.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
+    let chart = Path::new(&manifest_dir).join("../charts/weft");
     let mut out = String::new();
     for (constant, dir, ext) in [
         ("CHART_CRDS", "crds", "yaml"),

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
@@ -15,6 +16,8 @@ use crate::detect::{detect, Protocol};
 use crate::discovery::{Discovery, Endpoint, Target};
 use crate::drain::Drain;
 use crate::forward::{forward, Prefixed};
+use crate::http::body::boxed;
+use crate::http::h1_server;
 use crate::http::outbound::{HttpContext, OutboundHttp};
 use crate::metrics::{Direction, Metrics, TcpLabels};
 use crate::original_dst::original_dst;
@@ -35,6 +38,8 @@ pub enum OutboundError {
     Detect(std::io::Error),
     #[error("HTTP: {0}")]
     Http(hyper::Error),
+    #[error("HTTP/1: {0}")]
+    Http1(h1_server::ServeError),
 }
 
 pub struct Outbound {
@@ -46,8 +51,12 @@ pub struct Outbound {
     pub http: Arc<HttpContext>,
 }
 
-/// Request heads larger than this are refused with 431.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Request heads larger than 64 KiB are refused with 431; a head must be complete within
+/// 30 s of its first byte.
+const H1_LIMITS: h1_server::Limits = h1_server::Limits {
+    max_head_bytes: 64 * 1024,
+    head_timeout: Duration::from_secs(30),
+};
 
 /// Tries this many distinct endpoints before giving up on a connection.
 const CONNECT_ATTEMPTS: usize = 3;
@@ -103,41 +112,44 @@ impl Outbound {
         let (prefix, protocol) = detect(&mut tcp, self.detect_timeout)
             .await
             .map_err(OutboundError::Detect)?;
-        let io = Prefixed::new(prefix, tcp);
         match protocol {
-            Protocol::Opaque => self.connect_endpoint(io, dst, &target).await,
+            Protocol::Opaque => {
+                self.connect_endpoint(Prefixed::new(prefix, tcp), dst, &target)
+                    .await
+            }
             Protocol::Silent => {
                 self.metrics.http_detect_timeouts.inc();
                 tracing::debug!(%dst, "app sent nothing before the detection timeout; treating as opaque");
-                self.connect_endpoint(io, dst, &target).await
+                self.connect_endpoint(Prefixed::new(prefix, tcp), dst, &target)
+                    .await
             }
-            Protocol::Http1 | Protocol::Http2 => {
+            Protocol::Http1 => {
                 let service = Arc::new(OutboundHttp {
                     target: watch,
                     ctx: self.http.clone(),
                 });
-                let io = hyper_util::rt::TokioIo::new(io);
-                let served = if protocol == Protocol::Http1 {
-                    // hyper's HTTP/1 connection keeps each request's future in one place.
-                    let svc = hyper::service::service_fn(move |req| service.clone().serve(req));
-                    hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(30))
-                        // Larger headers get 431 here rather than failing on the mesh hop.
-                        .max_buf_size(MAX_HEADER_BYTES)
-                        .serve_connection(io, svc)
-                        .with_upgrades()
-                        .await
-                } else {
-                    // Boxed: see `Inbound::serve_http` (a task per HTTP/2 request copies it).
-                    let svc =
-                        hyper::service::service_fn(move |req| Box::pin(service.clone().serve(req)));
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .serve_connection(io, svc)
-                        .await
-                };
-                served.map_err(OutboundError::Http)
+                // Our own HTTP/1 server: an idle keep-alive connection holds no buffers.
+                h1_server::serve(tcp, prefix, H1_LIMITS, move |req| {
+                    service.clone().respond(req)
+                })
+                .await
+                .map_err(OutboundError::Http1)
+            }
+            Protocol::Http2 => {
+                let service = Arc::new(OutboundHttp {
+                    target: watch,
+                    ctx: self.http.clone(),
+                });
+                let io = hyper_util::rt::TokioIo::new(Prefixed::new(prefix, tcp));
+                // Boxed: see `Inbound::serve_http` (a task per HTTP/2 request copies it).
+                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    Box::pin(service.clone().serve(req.map(boxed)))
+                });
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .serve_connection(io, svc)
+                    .await
+                    .map_err(OutboundError::Http)
             }
         }
     }

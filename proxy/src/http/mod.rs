@@ -5,6 +5,7 @@
 pub mod balance;
 pub mod body;
 pub mod client;
+pub mod h1_server;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;

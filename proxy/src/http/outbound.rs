@@ -15,6 +15,7 @@ use tokio_rustls::TlsConnector;
 use super::balance::Outcome;
 use super::body::{self, boxed, error_response, Body, Observed};
 use super::client::{Clients, SendError};
+use super::h1_server::OnUpgrade;
 use super::headers;
 use super::route::{Backend, Route, RouteAction};
 use crate::connect;
@@ -76,11 +77,12 @@ enum Failure {
 }
 
 impl OutboundHttp {
-    pub async fn serve(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-    ) -> Result<Response<Body>, Infallible> {
+    pub async fn serve(self: Arc<Self>, req: Request<Body>) -> Result<Response<Body>, Infallible> {
         Ok(self.handle(req).await)
+    }
+
+    pub async fn respond(self: Arc<Self>, req: Request<Body>) -> Response<Body> {
+        self.handle(req).await
     }
 
     /// An answer the proxy gives itself before any backend is chosen. Still a request the
@@ -110,7 +112,7 @@ impl OutboundHttp {
         error_response(status, reason)
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<Body>) -> Response<Body> {
         let target = self.target.current();
         let route = match target.routes.select(req.method(), req.uri(), req.headers()) {
             RouteAction::Forward(route) => route,
@@ -195,7 +197,7 @@ impl OutboundHttp {
         target: &Target,
         route: &Route,
         backend: &Backend,
-        req: Request<Incoming>,
+        req: Request<Body>,
     ) -> Result<Response<Body>, Failure> {
         let (parts, incoming) = req.into_parts();
         let head = Head {
@@ -215,7 +217,7 @@ impl OutboundHttp {
                     (Some(bytes), None)
                 }
                 Ok(Replay::Buffered(bytes)) => (None, Some(body::full(bytes))),
-                Ok(Replay::Streaming(b)) => (None, Some(boxed(b))),
+                Ok(Replay::Streaming(b)) => (None, Some(b)),
                 Err(_) => {
                     return Err(Failure::Status(
                         StatusCode::BAD_REQUEST,
@@ -223,7 +225,7 @@ impl OutboundHttp {
                     ))
                 }
             },
-            None => (None, Some(boxed(incoming))),
+            None => (None, Some(incoming)),
         };
         // A streamed body that breaks mid-way is the client's fault, not the server's.
         let (mut first, body_failed) = match once {
@@ -351,7 +353,7 @@ impl OutboundHttp {
     /// opaque bytes when meshed — and, after `101`, bytes both ways.
     async fn upgrade(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         backend: &Backend,
         metrics: HttpRequestMetrics,
     ) -> Response<Body> {
@@ -361,7 +363,7 @@ impl OutboundHttp {
             return rsp;
         };
         let ep = handle.endpoint().clone();
-        let app_upgrade = hyper::upgrade::on(&mut req);
+        let app_upgrade = req.extensions_mut().remove::<OnUpgrade>();
         let result = self.upgrade_request(&ep, req).await;
         handle.finish(match &result {
             Ok(_) => Outcome::Success(Duration::ZERO),
@@ -381,15 +383,20 @@ impl OutboundHttp {
         if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let server_upgrade = hyper::upgrade::on(&mut rsp);
             tokio::spawn(async move {
-                match (app_upgrade.await, server_upgrade.await) {
-                    (Ok(app), Ok(server)) => {
-                        let mut app = hyper_util::rt::TokioIo::new(app);
+                let app = match app_upgrade {
+                    Some(on) => on.connection().await,
+                    None => None,
+                };
+                match (app, server_upgrade.await) {
+                    (Some(mut app), Ok(server)) => {
                         let mut server = hyper_util::rt::TokioIo::new(server);
                         let _ = tokio::io::copy_bidirectional(&mut app, &mut server).await;
                     }
-                    (a, s) => {
-                        tracing::info!(app = ?a.err(), server = ?s.err(), "upgrade did not complete")
-                    }
+                    (app, server) => tracing::info!(
+                        app_connection = app.is_some(),
+                        server = ?server.err(),
+                        "upgrade did not complete"
+                    ),
                 }
             });
         }
@@ -399,7 +406,7 @@ impl OutboundHttp {
     async fn upgrade_request(
         &self,
         ep: &Endpoint,
-        req: Request<Incoming>,
+        req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
         let addr = ep.addr;
         let (parts, body) = req.into_parts();
@@ -439,7 +446,7 @@ enum Replay<B> {
 
 /// Buffers a body that is known to be small (or empty) so it can be replayed; larger or
 /// unsized bodies stream and make the request non-retryable.
-async fn replayable_body(head: &Head, body: Incoming) -> Result<Replay<Incoming>, hyper::Error> {
+async fn replayable_body(head: &Head, body: Body) -> Result<Replay<Body>, body::BoxError> {
     if body.is_end_stream() {
         return Ok(Replay::Buffered(Bytes::new()));
     }
@@ -488,7 +495,7 @@ fn request_for(
 async fn http1_with_upgrades<T>(
     addr: std::net::SocketAddr,
     io: T,
-) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, SendError>
+) -> Result<hyper::client::conn::http1::SendRequest<Body>, SendError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
