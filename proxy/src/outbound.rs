@@ -93,20 +93,16 @@ impl Outbound {
         if dst == local {
             return Err(OutboundError::NotRedirected);
         }
-        let watch = self.discovery.resolve(dst).await?;
+        // The paths that are not HTTP run boxed, as does the lookup: inline, their state
+        // would size the task of every connection, including each idle HTTP/1 one.
+        let watch = Box::pin(self.discovery.resolve(dst)).await?;
         let target = watch.current();
         if !target.known {
             // Not in the mesh's view: pass through as the app asked (egress).
-            let server = connect::tcp(dst, self.connect_timeout).await?;
-            let m = self
-                .metrics
-                .tcp_connection(TcpLabels::plaintext(Direction::Outbound));
-            let _ = forward(tcp, server, &m).await;
-            return Ok(());
+            return Box::pin(self.egress(tcp, dst)).await;
         }
         if target.opaque {
-            return self
-                .connect_endpoint(Prefixed::new(Vec::new(), tcp), dst, &target)
+            return Box::pin(self.connect_endpoint(Prefixed::new(Vec::new(), tcp), dst, &target))
                 .await;
         }
         let (prefix, protocol) = detect(&mut tcp, self.detect_timeout)
@@ -114,14 +110,12 @@ impl Outbound {
             .map_err(OutboundError::Detect)?;
         match protocol {
             Protocol::Opaque => {
-                self.connect_endpoint(Prefixed::new(prefix, tcp), dst, &target)
-                    .await
+                Box::pin(self.connect_endpoint(Prefixed::new(prefix, tcp), dst, &target)).await
             }
             Protocol::Silent => {
                 self.metrics.http_detect_timeouts.inc();
                 tracing::debug!(%dst, "app sent nothing before the detection timeout; treating as opaque");
-                self.connect_endpoint(Prefixed::new(prefix, tcp), dst, &target)
-                    .await
+                Box::pin(self.connect_endpoint(Prefixed::new(prefix, tcp), dst, &target)).await
             }
             Protocol::Http1 => {
                 let service = Arc::new(OutboundHttp {
@@ -145,13 +139,25 @@ impl Outbound {
                 let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                     Box::pin(service.clone().serve(req.map(boxed)))
                 });
-                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .serve_connection(io, svc)
-                    .await
-                    .map_err(OutboundError::Http)
+                // Boxed like the other paths (see above).
+                Box::pin(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .serve_connection(io, svc),
+                )
+                .await
+                .map_err(OutboundError::Http)
             }
         }
+    }
+
+    async fn egress(&self, tcp: TcpStream, dst: SocketAddr) -> Result<(), OutboundError> {
+        let server = connect::tcp(dst, self.connect_timeout).await?;
+        let m = self
+            .metrics
+            .tcp_connection(TcpLabels::plaintext(Direction::Outbound));
+        let _ = forward(tcp, server, &m).await;
+        Ok(())
     }
 
     async fn connect_endpoint(

@@ -109,18 +109,78 @@ where
     S: FnMut(Request<Body>) -> F,
     F: Future<Output = Response<Body>>,
 {
-    let (io, mut writer) = tcp.into_split();
-    let mut idle = Some(Reader {
-        io,
-        buf: BytesMut::from(prefix.as_slice()),
-    });
+    let (io, writer) = tcp.into_split();
+    let mut conn = Conn {
+        reader: Some(Reader {
+            io,
+            buf: BytesMut::from(prefix.as_slice()),
+        }),
+        writer: Some(writer),
+        limits,
+    };
     drop(prefix);
-    while let Some(mut reader) = idle.take() {
-        let head = match read_head(&mut reader, &limits).await {
+    loop {
+        // Idle, this loop is all a connection's task holds: each exchange runs in its own
+        // box, freed when it ends (with its buffers, the request and the service's future).
+        if !conn.wait_for_request().await? {
+            return Ok(());
+        }
+        if let Next::Close = Box::pin(conn.exchange(&mut service)).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// One client connection between requests.
+struct Conn {
+    /// `None` while a request body holds it.
+    reader: Option<Reader>,
+    /// `None` once handed to an upgrade.
+    writer: Option<OwnedWriteHalf>,
+    limits: Limits,
+}
+
+enum Next {
+    Continue,
+    Close,
+}
+
+fn gone() -> ServeError {
+    ServeError::Io(io::Error::other("connection already handed over"))
+}
+
+impl Conn {
+    /// Waits until the client sends (or has already sent) the next request's first bytes,
+    /// holding no buffer meanwhile. `false`: the client closed the connection.
+    async fn wait_for_request(&mut self) -> Result<bool, ServeError> {
+        let reader = self.reader.as_mut().ok_or_else(gone)?;
+        while reader.buf.is_empty() {
+            reader.io.readable().await?;
+            // A buffer only for the read that readiness promises.
+            reader.buf.reserve(HEAD_BUF);
+            match reader.io.try_read_buf(&mut reader.buf) {
+                Ok(0) => return Ok(false),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => reader.buf = BytesMut::new(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads one request, has `service` answer it and writes the answer.
+    async fn exchange<S, F>(&mut self, service: &mut S) -> Result<Next, ServeError>
+    where
+        S: FnMut(Request<Body>) -> F,
+        F: Future<Output = Response<Body>>,
+    {
+        let mut reader = self.reader.take().ok_or_else(gone)?;
+        let writer = self.writer.as_mut().ok_or_else(gone)?;
+        let head = match read_head(&mut reader, &self.limits).await {
             Ok(Some(head)) => head,
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(Next::Close),
             Err(e) => {
-                reply_error(&mut writer, &e).await;
+                reply_error(writer, &e).await;
                 return Err(e);
             }
         };
@@ -147,9 +207,9 @@ where
                 .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
             upgrade = Some(tx);
         }
-        // A body-less request keeps the read half here; otherwise it travels in the body.
+        // A body-less request leaves the read half here; otherwise it travels in the body.
         let (body, returned) = if framing.is_empty() {
-            idle = Some(reader);
+            self.reader = Some(reader);
             (body::empty(), None)
         } else {
             let (tx, rx) = oneshot::channel();
@@ -169,30 +229,22 @@ where
         if exchange.method == Method::CONNECT {
             keep_alive = false;
         }
-        let written = write_response(
-            &mut writer,
-            parts,
-            rsp_body,
-            &exchange,
-            keep_alive,
-            switching,
-        )
-        .await?;
+        let written =
+            write_response(writer, parts, rsp_body, &exchange, keep_alive, switching).await?;
         keep_alive &= written;
         if let Some(rx) = returned {
             let Ok(mut br) = rx.await else {
-                return Ok(());
+                return Ok(Next::Close);
             };
             if !br.is_done() && !drain(&mut br).await {
                 keep_alive = false;
             }
-            idle = Some(br.reader);
+            self.reader = Some(br.reader);
         }
-        let Some(mut reader) = idle.take() else {
-            return Ok(());
-        };
         if switching {
-            if let Some(tx) = upgrade {
+            if let (Some(tx), Some(reader), Some(writer)) =
+                (upgrade, self.reader.take(), self.writer.take())
+            {
                 let leftover = reader.buf.to_vec();
                 let tcp = reader
                     .io
@@ -200,19 +252,18 @@ where
                     .map_err(|_| io::Error::other("connection halves do not match"))?;
                 let _ = tx.send(Prefixed::new(leftover, tcp));
             }
-            return Ok(());
+            return Ok(Next::Close);
         }
         if !keep_alive {
             let _ = writer.shutdown().await;
-            return Ok(());
+            return Ok(Next::Close);
         }
-        if reader.buf.is_empty() {
+        if let Some(reader) = self.reader.as_mut().filter(|r| r.buf.is_empty()) {
             // Idle from here: give the buffer back until the next request arrives.
             reader.buf = BytesMut::new();
         }
-        idle = Some(reader);
+        Ok(Next::Continue)
     }
-    Ok(())
 }
 
 /// The connection's read half and the bytes read from it that nobody consumed yet.
@@ -234,26 +285,12 @@ struct RequestHead {
     expect_continue: bool,
 }
 
-/// Reads the next request head. `None`: the client closed the connection between requests
-/// (or mid-head, which leaves nothing to answer).
+/// Reads the rest of a request head whose first bytes are buffered. `None`: the client
+/// closed the connection mid-head, which leaves nothing to answer.
 async fn read_head(
     reader: &mut Reader,
     limits: &Limits,
 ) -> Result<Option<RequestHead>, ServeError> {
-    if reader.buf.is_empty() {
-        // Idle: wait for the client without holding a buffer; one is taken only for the
-        // read that readiness promises.
-        loop {
-            reader.io.readable().await?;
-            reader.buf.reserve(HEAD_BUF);
-            match reader.io.try_read_buf(&mut reader.buf) {
-                Ok(0) => return Ok(None),
-                Ok(_) => break,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => reader.buf = BytesMut::new(),
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
     if let Some(head) = parse_head(&mut reader.buf, limits.max_head_bytes)? {
         return Ok(Some(head));
     }
@@ -1150,6 +1187,46 @@ mod tests {
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         assert!(head.contains("upgrade: echo"), "{head}");
         assert_eq!(client.bytes(4).await, b"ping");
+    }
+
+    #[tokio::test]
+    async fn a_connection_between_requests_holds_no_buffer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (io, writer) = tcp.into_split();
+        let mut conn = Conn {
+            reader: Some(Reader {
+                io,
+                buf: BytesMut::new(),
+            }),
+            writer: Some(writer),
+            limits: LIMITS,
+        };
+        let mut service = echo;
+        for body in ["", "0123456789"] {
+            let request = format!(
+                "POST / HTTP/1.1\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            client.write_all(request.as_bytes()).await.unwrap();
+            assert!(conn.wait_for_request().await.unwrap());
+            assert!(matches!(
+                conn.exchange(&mut service).await,
+                Ok(Next::Continue)
+            ));
+            let reader = conn.reader.as_ref().unwrap();
+            assert_eq!(
+                reader.buf.capacity(),
+                0,
+                "after a request with body {body:?}"
+            );
+        }
+        // (A half-close: unread responses would turn a full close into a reset.)
+        client.shutdown().await.unwrap();
+        assert!(!conn.wait_for_request().await.unwrap());
     }
 
     #[test]
