@@ -11,6 +11,7 @@
 
 use std::future::{poll_fn, Future};
 use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -22,7 +23,7 @@ use http::{response, Version};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -154,16 +155,21 @@ impl Conn {
     /// holding no buffer meanwhile. `false`: the client closed the connection.
     async fn wait_for_request(&mut self) -> Result<bool, ServeError> {
         let reader = self.reader.as_mut().ok_or_else(gone)?;
-        while reader.buf.is_empty() {
-            reader.io.readable().await?;
-            // A buffer only for the read that readiness promises.
-            reader.buf.reserve(HEAD_BUF);
-            match reader.io.try_read_buf(&mut reader.buf) {
-                Ok(0) => return Ok(false),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => reader.buf = BytesMut::new(),
-                Err(e) => return Err(e.into()),
+        if reader.buf.is_empty() {
+            // Read onto the stack and keep just what came (a typical head is a few hundred
+            // bytes). The chunk exists only inside a poll, never across an await, so it is
+            // no part of the connection's task; it is not zeroed (`ReadBuf::uninit`).
+            let first = poll_fn(|cx| {
+                let mut chunk = [MaybeUninit::<u8>::uninit(); HEAD_BUF];
+                let mut read = ReadBuf::uninit(&mut chunk);
+                ready!(Pin::new(&mut reader.io).poll_read(cx, &mut read))?;
+                Poll::Ready(Ok::<_, io::Error>(BytesMut::from(read.filled())))
+            })
+            .await?;
+            if first.is_empty() {
+                return Ok(false);
             }
+            reader.buf = first;
         }
         Ok(true)
     }
@@ -189,6 +195,7 @@ impl Conn {
             framing,
             mut keep_alive,
             expect_continue,
+            upgrade: wants_upgrade,
         } = head;
         let exchange = Exchange {
             version: request.version(),
@@ -200,7 +207,7 @@ impl Conn {
             writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
         }
         let mut upgrade = None;
-        if request.version() == Version::HTTP_11 && request.headers().contains_key(UPGRADE) {
+        if wants_upgrade {
             let (tx, rx) = oneshot::channel();
             request
                 .extensions_mut()
@@ -283,6 +290,8 @@ struct RequestHead {
     framing: Framing,
     keep_alive: bool,
     expect_continue: bool,
+    /// An HTTP/1.1 request with `Upgrade`.
+    upgrade: bool,
 }
 
 /// Reads the rest of a request head whose first bytes are buffered. `None`: the client
@@ -314,9 +323,11 @@ async fn read_head(
 
 /// Parses a complete head off the front of `buf`; `None` while it is incomplete.
 fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<RequestHead>, ServeError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut slots);
-    let len = match parsed.parse(buf) {
+    // Uninitialised slots: filling 100 of them for every request would cost more than
+    // parsing a typical head.
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= max => {
             return Err(ServeError::HeadTooLarge(max))
@@ -340,23 +351,23 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<RequestHead>, Ser
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
+    // The fields that frame the message are noted while the map is built: one pass, no
+    // lookups afterwards.
+    let mut facts = HeadFacts::default();
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     for field in parsed.headers.iter() {
         let name =
             HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| bad("bad header name"))?;
         let value = HeaderValue::from_bytes(field.value).map_err(|_| bad("bad header value"))?;
+        facts.note(&name, field.value);
         headers.append(name, value);
     }
     buf.advance(len);
-    let framing = request_framing(&headers, version)?;
+    let framing = facts.request_framing(version)?;
     let keep_alive = match version {
-        Version::HTTP_11 => !has_token(&headers, CONNECTION, b"close"),
-        _ => has_token(&headers, CONNECTION, b"keep-alive"),
+        Version::HTTP_11 => !facts.close,
+        _ => facts.keep_alive,
     };
-    let expect_continue = version == Version::HTTP_11
-        && headers
-            .get(EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -366,60 +377,97 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<RequestHead>, Ser
         request,
         framing,
         keep_alive,
-        expect_continue,
+        expect_continue: version == Version::HTTP_11 && facts.expect_continue,
+        upgrade: version == Version::HTTP_11 && facts.upgrade,
     }))
 }
 
-/// How the request body is delimited (RFC 9112 §6.3). Anything ambiguous is refused: a
-/// message two parsers could split differently is how requests get smuggled.
-fn request_framing(headers: &HeaderMap, version: Version) -> Result<Framing, ServeError> {
-    let bad = ServeError::BadRequest;
-    if headers.contains_key(TRANSFER_ENCODING) {
-        if version == Version::HTTP_10 {
-            return Err(bad("transfer-encoding in an HTTP/1.0 request"));
+/// What a request head's framing fields say.
+#[derive(Default)]
+struct HeadFacts {
+    transfer_encoding: bool,
+    /// The last transfer coding named so far, and how often `chunked` was named.
+    last_coding_chunked: bool,
+    chunked_codings: u32,
+    content_length: Option<Result<u64, ()>>,
+    close: bool,
+    keep_alive: bool,
+    expect_continue: bool,
+    upgrade: bool,
+}
+
+impl HeadFacts {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+            for coding in value
+                .split(|&b| b == b',')
+                .map(trim)
+                .filter(|c| !c.is_empty())
+            {
+                self.last_coding_chunked = coding.eq_ignore_ascii_case(b"chunked");
+                self.chunked_codings += u32::from(self.last_coding_chunked);
+            }
+        } else if *name == CONTENT_LENGTH {
+            self.content_length = Some(merge_content_length(self.content_length, value));
+        } else if *name == CONNECTION {
+            for token in value.split(|&b| b == b',').map(trim) {
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if *name == EXPECT {
+            self.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
+        } else if *name == UPGRADE {
+            self.upgrade = true;
         }
-        if headers.contains_key(CONTENT_LENGTH) {
-            return Err(bad("both transfer-encoding and content-length"));
-        }
-        let codings: Vec<&[u8]> = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(trim)
-            .filter(|c| !c.is_empty())
-            .collect();
-        let chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
-        if codings.last().is_none_or(|c| !chunked(c)) {
-            return Err(bad("transfer-encoding does not end in chunked"));
-        }
-        if codings.iter().filter(|c| chunked(c)).count() > 1 {
-            return Err(bad("chunked applied more than once"));
-        }
-        return Ok(Framing::Chunked(Chunked::Size {
-            value: 0,
-            digits: 0,
-        }));
     }
-    match content_length(headers) {
-        Ok(n) => Ok(Framing::Length(n.unwrap_or(0))),
-        Err(()) => Err(bad("bad content-length")),
+
+    /// How the request body is delimited (RFC 9112 §6.3). Anything ambiguous is refused:
+    /// a message two parsers could split differently is how requests get smuggled.
+    fn request_framing(&self, version: Version) -> Result<Framing, ServeError> {
+        let bad = ServeError::BadRequest;
+        if self.transfer_encoding {
+            if version == Version::HTTP_10 {
+                return Err(bad("transfer-encoding in an HTTP/1.0 request"));
+            }
+            if self.content_length.is_some() {
+                return Err(bad("both transfer-encoding and content-length"));
+            }
+            if !self.last_coding_chunked {
+                return Err(bad("transfer-encoding does not end in chunked"));
+            }
+            if self.chunked_codings > 1 {
+                return Err(bad("chunked applied more than once"));
+            }
+            return Ok(Framing::Chunked(Chunked::Size {
+                value: 0,
+                digits: 0,
+            }));
+        }
+        match self.content_length {
+            None => Ok(Framing::Length(0)),
+            Some(Ok(n)) => Ok(Framing::Length(n)),
+            Some(Err(())) => Err(bad("bad content-length")),
+        }
     }
 }
 
-/// The one length all `Content-Length` fields agree on (a repeated equal value is allowed,
-/// RFC 9110 §8.6).
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
-    let mut found = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let n = parse_decimal(trim(part)).ok_or(())?;
-            if found.is_some_and(|f| f != n) {
-                return Err(());
-            }
-            found = Some(n);
+/// Adds one `Content-Length` field to what earlier ones said: every value must be the same
+/// number (a repeated equal value is allowed, RFC 9110 §8.6).
+fn merge_content_length(so_far: Option<Result<u64, ()>>, value: &[u8]) -> Result<u64, ()> {
+    let mut found = match so_far {
+        Some(Err(())) => return Err(()),
+        Some(Ok(n)) => Some(n),
+        None => None,
+    };
+    for part in value.split(|&b| b == b',') {
+        let n = parse_decimal(trim(part)).ok_or(())?;
+        if found.is_some_and(|f| f != n) {
+            return Err(());
         }
+        found = Some(n);
     }
-    Ok(found)
+    found.ok_or(())
 }
 
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
@@ -438,77 +486,115 @@ fn trim(s: &[u8]) -> &[u8] {
     s.trim_ascii()
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| trim(t).eq_ignore_ascii_case(token))
-    })
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn push_hex(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789ABCDEF"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// Writes the response head and body. `Ok(false)`: the body was delimited by closing the
 /// connection (an HTTP/1.0 client and a body of unknown length).
 async fn write_response(
     writer: &mut OwnedWriteHalf,
-    mut parts: response::Parts,
+    parts: response::Parts,
     mut body: Body,
     exchange: &Exchange,
     keep_alive: bool,
     switching: bool,
 ) -> Result<bool, ServeError> {
     let status = parts.status;
-    let headers = &mut parts.headers;
     let bodiless = exchange.method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || (exchange.method == Method::CONNECT && status.is_success());
-    headers.remove(TRANSFER_ENCODING);
+    // One pass for the fields that frame the body, one to write: no lookups.
+    let mut declared: Option<Result<u64, ()>> = None;
+    for (name, value) in parts.headers.iter() {
+        if name == CONTENT_LENGTH {
+            declared = Some(merge_content_length(declared, value.as_bytes()));
+        }
+    }
     let mut keep = keep_alive && !switching;
     let framing = if bodiless {
-        // A HEAD answer says how long the body would have been, when that is known.
-        if exchange.method == Method::HEAD && !headers.contains_key(CONTENT_LENGTH) {
-            if let Some(n) = body.size_hint().exact().filter(|&n| n > 0) {
-                headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
-            }
-        }
         Out::Nothing
-    } else if let Ok(Some(n)) = content_length(headers) {
+    } else if let Some(Ok(n)) = declared {
         Out::Length(n)
     } else if let Some(n) = body.size_hint().exact() {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
         Out::Length(n)
     } else if exchange.version == Version::HTTP_11 {
-        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         Out::Chunked
     } else {
         keep = false;
         Out::UntilClose
     };
-    if !switching {
-        match (exchange.version, keep) {
-            (Version::HTTP_11, false) => {
-                headers.insert(CONNECTION, HeaderValue::from_static("close"));
-            }
-            (Version::HTTP_10, true) => {
-                headers.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
-            }
-            _ => {}
-        }
-    }
     let mut out = Vec::with_capacity(256);
-    let version = if exchange.version == Version::HTTP_10 {
-        "HTTP/1.0"
+    out.extend_from_slice(if exchange.version == Version::HTTP_10 {
+        b"HTTP/1.0 "
     } else {
-        "HTTP/1.1"
-    };
-    let reason = status.canonical_reason().unwrap_or("");
-    let _ = write!(out, "{version} {} {reason}\r\n", status.as_str());
-    for (name, value) in headers.iter() {
+        b"HTTP/1.1 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // The framing fields are this hop's own: the service's transfer-encoding never goes
+    // out, nor a content-length that is not one valid number.
+    let own_length = !matches!(declared, Some(Ok(_)));
+    for (name, value) in parts.headers.iter() {
+        if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && own_length) {
+            continue;
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Out::Length(n) if own_length => {
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(&mut out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        Out::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        // A HEAD answer says how long the body would have been, when that is known.
+        Out::Nothing if exchange.method == Method::HEAD && own_length => {
+            if let Some(n) = body.size_hint().exact().filter(|&n| n > 0) {
+                out.extend_from_slice(b"content-length: ");
+                push_decimal(&mut out, n);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        _ => {}
+    }
+    if !switching {
+        match (exchange.version, keep) {
+            (Version::HTTP_11, false) => out.extend_from_slice(b"connection: close\r\n"),
+            (Version::HTTP_10, true) => out.extend_from_slice(b"connection: keep-alive\r\n"),
+            _ => {}
+        }
     }
     out.extend_from_slice(b"\r\n");
     if matches!(framing, Out::Nothing) {
@@ -548,7 +634,8 @@ async fn write_response(
             }
         }
         if matches!(framing, Out::Chunked) {
-            let _ = write!(out, "{:X}\r\n", data.len());
+            push_hex(&mut out, data.len());
+            out.extend_from_slice(b"\r\n");
         }
         if data.len() >= WRITE_BATCH {
             writer.write_all(&out).await?;
