@@ -6,10 +6,16 @@ requests is sent with h2load (one connection, one request at a time unless told 
 and the counters are dumped. Instruction counts do not depend on what else runs on the
 machine, so before/after comparisons hold on a busy box.
 
+`syscalls`: the same topology without valgrind; `strace -c` attached to both proxies while
+h2load sends a fixed number of requests; prints system calls per request by kind. At 1,000
+req/s most of a request's CPU is the kernel's, so this is what explains a CPU difference
+that instruction counts do not.
+
 `memory`: the same topology without valgrind: RSS/PSS of each proxy after start-up and a
 few requests, then with N idle keep-alive connections held open through the pair.
 
     python3 bench/weftbench/profile.py callgrind --bin-dir DIR --role server --requests 20000
+    python3 bench/weftbench/profile.py syscalls --bin-dir DIR --requests 5000
     python3 bench/weftbench/profile.py memory --bin-dir DIR --idle-connections 2000
 """
 
@@ -146,6 +152,37 @@ def rss_by_mapping(pid):
     return out
 
 
+def run_syscalls(args, ctx, out_dir):
+    weft = ct.Weft(ctx, ct.OCTETS["weft"])
+    weft.start()
+    h2load(weft, ctx, args.warmup, args.connections, args.streams, args.proto)
+    os.makedirs(out_dir, exist_ok=True)
+    tracers = {}
+    for role, proc in weft.proxies().items():
+        out = os.path.join(out_dir, f"strace.{role}.txt")
+        tracers[role] = (out, subprocess.Popen(
+            [tool("strace"), "-c", "-f", "-o", out, "-p", str(proc.pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1)  # strace attaches asynchronously
+    h2load(weft, ctx, args.requests, args.connections, args.streams, args.proto)
+    for _, tracer in tracers.values():
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)
+    for role, (out, _) in tracers.items():
+        calls = {}
+        with open(out, encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                # % time, seconds, usecs/call, calls, [errors,] syscall
+                if len(fields) >= 5 and fields[3].isdigit() and not fields[-1].startswith("total"):
+                    calls[fields[-1]] = int(fields[3])
+        total = sum(calls.values())
+        print(f"profile: {role} proxy, {args.proto}, {args.requests} requests: "
+              f"{total / args.requests:.2f} system calls/request")
+        for name, n in sorted(calls.items(), key=lambda kv: -kv[1]):
+            print(f"    {n / args.requests:7.2f}  {name}")
+
+
 def run_memory(args, ctx):
     weft = ct.Weft(ctx, ct.OCTETS["weft"])
     weft.start()
@@ -176,7 +213,7 @@ def run_memory(args, ctx):
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["callgrind", "memory"])
+    p.add_argument("mode", choices=["callgrind", "syscalls", "memory"])
     p.add_argument("--bin-dir", required=True)
     p.add_argument("--role", choices=["client", "server"], default="server")
     p.add_argument("--proto", choices=["h1", "h2"], default="h1")
@@ -210,6 +247,8 @@ def main(argv):
     try:
         if args.mode == "callgrind":
             run_callgrind(args, ctx_factory, args.out)
+        elif args.mode == "syscalls":
+            run_syscalls(args, ctx_factory()[0], args.out)
         else:
             run_memory(args, ctx_factory()[0])
     finally:
