@@ -20,7 +20,9 @@ use crate::authz::{Access, Authz, ClientIdentity, PortAuthz, Protocol};
 use crate::connect::{self, ConnectError};
 use crate::drain::Drain;
 use crate::forward::{forward, Prefixed};
+use crate::http::body::boxed;
 use crate::http::client::Clients;
+use crate::http::h1_server;
 use crate::http::inbound::{InboundClient, InboundHttp};
 use crate::http::ALPN_H2;
 use crate::metrics::{Direction, Metrics, TcpLabels};
@@ -29,8 +31,6 @@ use crate::ALPN_OPAQUE;
 
 /// A ClientHello larger than this is not one a weft proxy sends; stop buffering.
 const MAX_DETECT_BYTES: usize = 16 * 1024;
-/// Plaintext HTTP/1 heads larger than this get 431 rather than reaching the app.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// TLS record content type "handshake" — the first byte of every ClientHello.
 const TLS_HANDSHAKE: u8 = 0x16;
 /// Read size while detecting: a ClientHello or request head usually arrives in one read.
@@ -62,12 +62,6 @@ pub struct Inbound {
     /// Pooled connections to the local app for HTTP arriving over the mesh.
     pub app_clients: Arc<Clients>,
     pub authz: Arc<Authz>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum HttpVersion {
-    Http1,
-    Http2,
 }
 
 /// A connection decided as a whole: no request to look at.
@@ -145,8 +139,7 @@ impl Inbound {
                 tls: true,
             };
             if tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
-                self.serve_http(tls, HttpVersion::Http2, app_addr, peer, authz)
-                    .await;
+                self.serve_h2(tls, app_addr, peer, authz).await;
                 return Ok(());
             }
             let decision = authz.decide(&opaque_access(&peer)).await;
@@ -187,9 +180,15 @@ impl Inbound {
         if detected == Detected::Plaintext && http_allowed {
             let protocol = self.detect_http(&mut tcp, &mut prefix).await?;
             if protocol == crate::detect::Protocol::Http1 {
-                let io = Prefixed::new(prefix, tcp);
-                self.serve_http(io, HttpVersion::Http1, app_addr, peer, authz)
-                    .await;
+                let client_ip = peer.ip;
+                let service = Arc::new(self.http_service(app_addr, peer, authz));
+                // The same HTTP/1 server as outbound: nothing held between requests.
+                let served = h1_server::serve(tcp, prefix, h1_server::LIMITS, move |req| {
+                    service.clone().respond(req)
+                });
+                if let Err(e) = Box::pin(served).await {
+                    tracing::debug!(client = %client_ip, error = %e, "inbound HTTP/1 connection ended");
+                }
                 return Ok(());
             }
         }
@@ -258,51 +257,35 @@ impl Inbound {
         }
     }
 
-    /// Multiplexed HTTP/2 from a client proxy, or plaintext HTTP/1 from an unmeshed
-    /// client: each request is authorized and goes to the app on its own.
-    async fn serve_http<T>(
-        &self,
-        io: T,
-        version: HttpVersion,
-        app: SocketAddr,
-        peer: InboundClient,
-        authz: PortAuthz,
-    ) where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-    {
-        let client_ip = peer.ip;
-        let service = Arc::new(InboundHttp::new(
+    fn http_service(&self, app: SocketAddr, peer: InboundClient, authz: PortAuthz) -> InboundHttp {
+        InboundHttp::new(
             app,
             self.app_clients.clone(),
             self.metrics.clone(),
             authz,
             peer,
             self.connect_timeout,
-        ));
+        )
+    }
+
+    /// Multiplexed HTTP/2 from a client proxy: each request is authorized and goes to the
+    /// app on its own.
+    async fn serve_h2<T>(&self, io: T, app: SocketAddr, peer: InboundClient, authz: PortAuthz)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let client_ip = peer.ip;
+        let service = Arc::new(self.http_service(app, peer, authz));
         let io = hyper_util::rt::TokioIo::new(io);
-        let served = match version {
-            HttpVersion::Http2 => {
-                // Boxed: HTTP/2 spawns a task per request, which copies the request's future
-                // whole (several KiB) a few times on the way in; a box costs less.
-                let svc =
-                    hyper::service::service_fn(move |req| Box::pin(service.clone().serve(req)));
-                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .serve_connection(io, svc)
-                    .await
-            }
-            HttpVersion::Http1 => {
-                // hyper's HTTP/1 connection keeps each request's future in one place.
-                let svc = hyper::service::service_fn(move |req| service.clone().serve(req));
-                hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .max_buf_size(MAX_HEADER_BYTES)
-                    .serve_connection(io, svc)
-                    .with_upgrades()
-                    .await
-            }
-        };
+        // Boxed: HTTP/2 spawns a task per request, which copies the request's future whole
+        // (several KiB) a few times on the way in; a box costs less.
+        let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            Box::pin(service.clone().serve(req.map(boxed)))
+        });
+        let served = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(io, svc)
+            .await;
         if let Err(e) = served {
             tracing::debug!(client = %client_ip, error = %e, "inbound HTTP connection ended");
         }

@@ -51,13 +51,6 @@ pub struct Outbound {
     pub http: Arc<HttpContext>,
 }
 
-/// Request heads larger than 64 KiB are refused with 431; a head must be complete within
-/// 30 s of its first byte.
-const H1_LIMITS: h1_server::Limits = h1_server::Limits {
-    max_head_bytes: 64 * 1024,
-    head_timeout: Duration::from_secs(30),
-};
-
 /// Tries this many distinct endpoints before giving up on a connection.
 const CONNECT_ATTEMPTS: usize = 3;
 
@@ -123,7 +116,7 @@ impl Outbound {
                     ctx: self.http.clone(),
                 });
                 // Our own HTTP/1 server: an idle keep-alive connection holds no buffers.
-                h1_server::serve(tcp, prefix, H1_LIMITS, move |req| {
+                h1_server::serve(tcp, prefix, h1_server::LIMITS, move |req| {
                     service.clone().respond(req)
                 })
                 .await

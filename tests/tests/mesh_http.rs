@@ -791,6 +791,28 @@ fn http1_keep_alive_chunked_websocket_and_a_200_mib_upload_in_bounded_memory() {
             echoes == messages,
             "WebSocket echoes differ from what was sent"
         );
+        // The same from an unmeshed client straight to the server's pod: plaintext HTTP/1
+        // served by the server proxy's inbound side (keep-alive, then an upgrade).
+        let legacy = cluster.add_plain_pod(NS, "legacy", 40)?;
+        let web_addr = shop.backend("web")?.pod().addr(APP_PORT);
+        let mut plain = H1Connection::new(
+            legacy.connect(web_addr, Duration::from_secs(5))?,
+            Duration::from_secs(10),
+        )?;
+        for i in 0..3 {
+            let response = plain.get(&format!("/plain/{i}"), HOST)?;
+            ensure!(
+                response.status() == 200
+                    && response.body_text() == "web"
+                    && !response.head.closes(),
+                "plaintext keep-alive request {i}: {response:?}"
+            );
+        }
+        let echoes = legacy.in_netns(|| ws_echo_blocking(web_addr, HOST, "/ws", &messages))??;
+        ensure!(
+            echoes == messages,
+            "plaintext WebSocket echoes (unmeshed client → server proxy) differ from what was sent"
+        );
 
         // 200 MiB streamed through both proxies while their memory is watched.
         let pids = [

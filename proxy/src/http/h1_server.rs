@@ -40,6 +40,14 @@ pub struct Limits {
     pub head_timeout: Duration,
 }
 
+/// What both proxies allow an app's or a plaintext client's HTTP/1 connection: heads up to
+/// 64 KiB (larger ones get 431 here rather than failing on the mesh hop), complete within
+/// 30 s of their first byte.
+pub const LIMITS: Limits = Limits {
+    max_head_bytes: 64 * 1024,
+    head_timeout: Duration::from_secs(30),
+};
+
 /// As many header fields as hyper's server accepts.
 pub const MAX_HEADERS: usize = 100;
 /// First read buffer for a request head; doubled while the head is incomplete.

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 
 use super::body::{boxed, error_response, full, Body, Observed};
 use super::client::Clients;
+use super::h1_server::OnUpgrade;
 use super::headers;
 use crate::authz::{normalize_path, Access, ClientIdentity, Decision, HttpAccess, PortAuthz};
 use crate::connect;
@@ -86,14 +86,15 @@ impl InboundHttp {
         }
     }
 
-    pub async fn serve(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-    ) -> Result<Response<Body>, Infallible> {
+    pub async fn serve(self: Arc<Self>, req: Request<Body>) -> Result<Response<Body>, Infallible> {
         Ok(self.handle(req).await)
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+    pub async fn respond(self: Arc<Self>, req: Request<Body>) -> Response<Body> {
+        self.handle(req).await
+    }
+
+    async fn handle(&self, mut req: Request<Body>) -> Response<Body> {
         let metrics = self.route_metrics.request();
         let span = crate::trace::server(&mut req, &self.client);
         // Read per request: a policy change applies to the next request on this connection.
@@ -123,7 +124,7 @@ impl InboundHttp {
             };
             match prepared {
                 Err(_) => error_response(StatusCode::BAD_REQUEST, "request has no authority"),
-                Ok(()) => match self.clients.send(self.app, None, req.map(boxed)).await {
+                Ok(()) => match self.clients.send(self.app, None, req).await {
                     Ok(rsp) => rsp.map(boxed),
                     Err(e) => {
                         tracing::info!(app = %self.app, error = %e, "forwarding to the app failed");
@@ -157,12 +158,8 @@ impl InboundHttp {
 
     /// HTTP/1 Upgrade (WebSocket) from a plaintext client: a dedicated connection to the
     /// app and, after `101`, bytes both ways.
-    async fn upgrade(
-        &self,
-        mut req: Request<Incoming>,
-        metrics: HttpRequestMetrics,
-    ) -> Response<Body> {
-        let client_upgrade = hyper::upgrade::on(&mut req);
+    async fn upgrade(&self, mut req: Request<Body>, metrics: HttpRequestMetrics) -> Response<Body> {
+        let client_upgrade = req.extensions_mut().remove::<OnUpgrade>();
         // Origin-form on a direct HTTP/1 connection; Host and the Upgrade headers stay.
         if let Some(pq) = req.uri().path_and_query().cloned() {
             *req.uri_mut() = Uri::from(pq);
@@ -197,15 +194,20 @@ impl InboundHttp {
         if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let app_upgrade = hyper::upgrade::on(&mut rsp);
             tokio::spawn(async move {
-                match (client_upgrade.await, app_upgrade.await) {
-                    (Ok(client), Ok(server)) => {
-                        let mut client = hyper_util::rt::TokioIo::new(client);
+                let client = match client_upgrade {
+                    Some(on) => on.connection().await,
+                    None => None,
+                };
+                match (client, app_upgrade.await) {
+                    (Some(mut client), Ok(server)) => {
                         let mut server = hyper_util::rt::TokioIo::new(server);
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
-                    (c, s) => {
-                        tracing::info!(client = ?c.err(), app = ?s.err(), "upgrade did not complete")
-                    }
+                    (c, s) => tracing::info!(
+                        client_connection = c.is_some(),
+                        app = ?s.err(),
+                        "upgrade did not complete"
+                    ),
                 }
             });
         }
@@ -275,6 +277,7 @@ mod tests {
     use super::*;
     use crate::authz::{Authz, PortPolicy};
     use http_body_util::{BodyExt, Empty};
+    use hyper::body::Incoming;
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tokio::net::TcpListener;
     use weft_api::inbound as proto;
@@ -357,7 +360,9 @@ mod tests {
         ));
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| service.clone().serve(req));
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                service.clone().serve(req.map(boxed))
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .serve_connection(TokioIo::new(server_io), svc)
