@@ -12,7 +12,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -225,12 +225,19 @@ pub struct Metrics {
 
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~16 s, doubling: fine enough near the p50/p99 of a service call.
-    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+    Histogram::new(buckets(0.001, 2.0, 15))
 }
 
 fn duration_histogram() -> Histogram {
     // 1 ms .. ~4.6 h: TCP connections live from a request to a whole day.
-    Histogram::new(exponential_buckets(0.001, 4.0, 13))
+    Histogram::new(buckets(0.001, 4.0, 13))
+}
+
+/// `start`, `start * factor`, … (`count` bounds): prometheus-client's `exponential_buckets`
+/// by repeated multiplication instead of `powf`, the only other libm call in the proxy
+/// (see `balance::decay`). Factors are powers of two, so the bounds are the same exactly.
+fn buckets(start: f64, factor: f64, count: usize) -> impl Iterator<Item = f64> {
+    std::iter::successors(Some(start), move |b| Some(b * factor)).take(count)
 }
 
 impl Metrics {
@@ -536,6 +543,16 @@ impl Drop for TcpConnMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucket_bounds_are_exactly_prometheus_clients_exponential_ones() {
+        use prometheus_client::metrics::histogram::exponential_buckets;
+        for (factor, count) in [(2.0, 15), (4.0, 13)] {
+            let ours: Vec<f64> = buckets(0.001, factor, count).collect();
+            let theirs: Vec<f64> = exponential_buckets(0.001, factor, count as u16).collect();
+            assert_eq!(ours, theirs, "factor {factor}");
+        }
+    }
 
     #[test]
     fn responses_are_counted_per_status_through_the_route_cache() {
