@@ -1,4 +1,5 @@
-//! The HTTP/1 server that serves the app's outbound connections. It reads request heads
+//! The HTTP/1 server for the connections a proxy accepts: the app's outbound ones and
+//! plaintext ones from unmeshed clients inbound. It reads request heads
 //! (httparse), frames request and response bodies and writes responses itself, so that a
 //! keep-alive connection waiting for its next request holds no buffer at all: hyper's
 //! HTTP/1 server keeps an 8 KiB read and an 8 KiB write buffer for a connection's whole
