@@ -1,6 +1,6 @@
 //! Bodies on the HTTP path: one boxed type for everything the proxy sends, a wrapper that
-//! records a response's metrics when its body ends (the gRPC status lives in trailers),
-//! and the proxy's own short error responses.
+//! reports a response body's trailers and end (to its metrics and its trace span: the gRPC
+//! status lives in trailers), and the proxy's own short error responses.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -99,51 +99,43 @@ impl HttpBody for Watched {
     }
 }
 
-/// Passes a response body through and records the response once: at its end (with the
-/// gRPC status from trailers or headers) or when it is dropped early.
-pub struct Observed {
+/// What a response body reports to once it is over: trailers as they pass, then its end.
+/// Metrics (`Record`) and tracing (`trace::ActiveSpan`) are the two.
+pub trait EndOfBody: Unpin {
+    /// Trailers passing through (a gRPC status lives there).
+    fn trailers(&mut self, trailers: &HeaderMap);
+    /// The body ended, failed (`failed`), or was dropped before its end. Called once.
+    fn end(self, failed: bool);
+}
+
+/// Passes a response body through and tells `H` about its trailers and its end.
+pub struct OnEnd<H: EndOfBody> {
     inner: Body,
-    record: Option<Record>,
+    hook: Option<H>,
 }
 
-struct Record {
-    metrics: HttpRequestMetrics,
-    status: u16,
-    grpc: Option<u16>,
-}
-
-impl Observed {
-    pub fn new(
-        inner: Body,
-        metrics: HttpRequestMetrics,
-        status: StatusCode,
-        headers: &HeaderMap,
-    ) -> Self {
-        let record = Record {
-            metrics,
-            status: status.as_u16(),
-            grpc: grpc_status_of(headers),
-        };
-        Observed {
+impl<H: EndOfBody> OnEnd<H> {
+    pub fn new(inner: Body, hook: H) -> Self {
+        OnEnd {
             inner,
-            record: Some(record),
+            hook: Some(hook),
         }
     }
 
-    fn finish(&mut self) {
-        if let Some(r) = self.record.take() {
-            r.metrics.response_end(r.status, GrpcStatus(r.grpc));
+    fn finish(&mut self, failed: bool) {
+        if let Some(hook) = self.hook.take() {
+            hook.end(failed);
         }
     }
 }
 
-impl Drop for Observed {
+impl<H: EndOfBody> Drop for OnEnd<H> {
     fn drop(&mut self) {
-        self.finish();
+        self.finish(false);
     }
 }
 
-impl HttpBody for Observed {
+impl<H: EndOfBody> HttpBody for OnEnd<H> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -154,18 +146,16 @@ impl HttpBody for Observed {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    if let (Some(code), Some(r)) = (grpc_status_of(trailers), self.record.as_mut())
-                    {
-                        r.grpc = Some(code);
-                    }
+                if let (Some(trailers), Some(hook)) = (frame.trailers_ref(), self.hook.as_mut()) {
+                    hook.trailers(trailers);
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
+            Poll::Ready(Some(Err(_))) => self.finish(true),
+            Poll::Ready(None) => self.finish(false),
             Poll::Pending => {}
         }
         if self.inner.is_end_stream() {
-            self.finish();
+            self.finish(false);
         }
         polled
     }
@@ -177,6 +167,42 @@ impl HttpBody for Observed {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A response as its metrics record it: once, at the end of its body (with the gRPC
+/// status from trailers or headers) or when the body is dropped early.
+pub struct Record {
+    metrics: HttpRequestMetrics,
+    status: u16,
+    grpc: Option<u16>,
+}
+
+impl EndOfBody for Record {
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if let Some(code) = grpc_status_of(trailers) {
+            self.grpc = Some(code);
+        }
+    }
+
+    fn end(self, _failed: bool) {
+        self.metrics
+            .response_end(self.status, GrpcStatus(self.grpc));
+    }
+}
+
+/// `inner`, recorded in `metrics` when it ends.
+pub fn observed(
+    inner: Body,
+    metrics: HttpRequestMetrics,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> OnEnd<Record> {
+    let record = Record {
+        metrics,
+        status: status.as_u16(),
+        grpc: grpc_status_of(headers),
+    };
+    OnEnd::new(inner, record)
 }
 
 #[cfg(test)]
@@ -204,7 +230,7 @@ mod tests {
             Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x"))),
             Ok(Frame::trailers(trailers)),
         ]));
-        let observed = Observed::new(
+        let observed = observed(
             boxed(body),
             metrics.http_request(labels()),
             StatusCode::OK,
@@ -219,7 +245,7 @@ mod tests {
     #[tokio::test]
     async fn records_plain_response_when_dropped_early() {
         let metrics = Metrics::new();
-        let observed = Observed::new(
+        let observed = observed(
             full(Bytes::from_static(b"abc")),
             metrics.http_request(labels()),
             StatusCode::BAD_GATEWAY,

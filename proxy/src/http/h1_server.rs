@@ -411,7 +411,7 @@ impl HeadFacts {
             self.transfer_encoding = true;
             for coding in value
                 .split(|&b| b == b',')
-                .map(trim)
+                .map(<[u8]>::trim_ascii)
                 .filter(|c| !c.is_empty())
             {
                 self.last_coding_chunked = coding.eq_ignore_ascii_case(b"chunked");
@@ -420,7 +420,7 @@ impl HeadFacts {
         } else if *name == CONTENT_LENGTH {
             self.content_length = Some(merge_content_length(self.content_length, value));
         } else if *name == CONNECTION {
-            for token in value.split(|&b| b == b',').map(trim) {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 self.close |= token.eq_ignore_ascii_case(b"close");
                 self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
@@ -470,7 +470,7 @@ fn merge_content_length(so_far: Option<Result<u64, ()>>, value: &[u8]) -> Result
         None => None,
     };
     for part in value.split(|&b| b == b',') {
-        let n = parse_decimal(trim(part)).ok_or(())?;
+        let n = parse_decimal(part.trim_ascii()).ok_or(())?;
         if found.is_some_and(|f| f != n) {
             return Err(());
         }
@@ -489,10 +489,6 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
         }
         n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
     })
-}
-
-fn trim(s: &[u8]) -> &[u8] {
-    s.trim_ascii()
 }
 
 fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
@@ -748,12 +744,6 @@ enum Framing {
     Chunked(Chunked),
 }
 
-impl Framing {
-    fn is_empty(&self) -> bool {
-        matches!(self, Framing::Length(0))
-    }
-}
-
 /// Where a chunked body's decoder is (RFC 9112 §7.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunked {
@@ -789,6 +779,10 @@ enum Decoded {
 }
 
 impl Framing {
+    fn is_empty(&self) -> bool {
+        matches!(self, Framing::Length(0))
+    }
+
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, BodyError> {
         match self {
             Framing::Length(0) => Ok(Decoded::Done),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 
-use super::body::{boxed, error_response, full, Body, Observed};
+use super::body::{boxed, error_response, full, observed, Body};
 use super::client::Clients;
 use super::h1_server::OnUpgrade;
 use super::headers;
@@ -137,7 +137,7 @@ impl InboundHttp {
         let (mut parts, body) = rsp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         metrics.response_headers();
-        let observed = Observed::new(body, metrics, parts.status, &parts.headers);
+        let observed = observed(body, metrics, parts.status, &parts.headers);
         Response::from_parts(parts, boxed(observed))
     }
 

@@ -13,7 +13,7 @@ use hyper::body::{Body as _, Incoming};
 use tokio_rustls::TlsConnector;
 
 use super::balance::Outcome;
-use super::body::{self, boxed, error_response, Body, Observed};
+use super::body::{self, boxed, error_response, observed, Body};
 use super::client::{Clients, SendError};
 use super::h1_server::OnUpgrade;
 use super::headers;
@@ -186,7 +186,7 @@ impl OutboundHttp {
             headers::strip_hop_by_hop(&mut parts.headers);
         }
         metrics.response_headers();
-        let observed = Observed::new(body, metrics, parts.status, &parts.headers);
+        let observed = observed(body, metrics, parts.status, &parts.headers);
         Response::from_parts(parts, boxed(observed))
     }
 

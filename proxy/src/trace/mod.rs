@@ -12,20 +12,16 @@ pub mod export;
 pub mod propagation;
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
 use crate::config::Settings;
 use crate::discovery::MeshPeer;
-use crate::http::body::{boxed, grpc_status_of, Body, BoxError};
+use crate::http::body::{boxed, grpc_status_of, Body, EndOfBody, OnEnd};
 use crate::http::inbound::InboundClient;
 use crate::metrics::{Metrics, Name};
 use propagation::{Format, Incoming, Outgoing, SpanId, TraceId};
@@ -152,12 +148,7 @@ pub fn respond(span: Option<ActiveSpan>, rsp: Response<Body>) -> Response<Body> 
         return rsp;
     };
     span.response(rsp.status().as_u16(), rsp.headers());
-    rsp.map(|inner| {
-        boxed(Traced {
-            inner,
-            span: Some(span),
-        })
-    })
+    rsp.map(|inner| boxed(OnEnd::new(inner, span)))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -413,54 +404,26 @@ impl Drop for ActiveSpan {
     }
 }
 
-/// A response body that ends its span when it ends (or is dropped).
-struct Traced {
-    inner: Body,
-    span: Option<ActiveSpan>,
-}
-
-impl HttpBody for Traced {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(trailers), Some(span)) = (frame.trailers_ref(), self.span.as_mut()) {
-                    span.trailers(trailers);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(mut span) = self.span.take() {
-                    span.fail("the response body failed");
-                }
-            }
-            Poll::Ready(None) => self.span = None,
-            Poll::Pending => {}
-        }
-        if self.inner.is_end_stream() {
-            self.span = None;
-        }
-        polled
+/// A span ends when its response body does (dropping it submits it).
+impl EndOfBody for ActiveSpan {
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        ActiveSpan::trailers(self, trailers);
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn end(mut self, failed: bool) {
+        if failed {
+            self.fail("the response body failed");
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::body::BoxError;
+    use bytes::Bytes;
     use http_body_util::BodyExt;
+    use hyper::body::Frame;
 
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const SPAN: &str = "00f067aa0ba902b7";
